@@ -1,0 +1,1 @@
+"""Top layer: the `selfsup` CLI, the one-command pipeline, Ray job submission, cluster definitions."""

@@ -1,0 +1,1 @@
+"""Middle layer: labeled subsets, baselines, linear / fine-tune / semi-supervised, the report."""
