@@ -23,11 +23,36 @@ def pipeline_main(args: argparse.Namespace) -> int:
 
 
 def add_submit_args(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("--address", default=None,
+                   help="Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, http://127.0.0.1:8265)")
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream the job's logs and exit with its outcome (default: wait)")
+    p.add_argument("--no-requirements", dest="requirements", action="store_false",
+                   help="do not pip-install pyproject.toml's dependencies (the cluster image has them)")
+    p.add_argument("--submission-id", default=None, help="job id to use instead of a generated one")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--status", metavar="ID", help="print a job's status and exit")
+    g.add_argument("--logs", metavar="ID", help="print a job's logs (with --wait: follow them to the end)")
+    g.add_argument("--stop", metavar="ID", help="stop a job")
+    p.add_argument("stage_args", nargs=argparse.REMAINDER, metavar="-- STAGE [ARGS]",
+                   help="the stage to run on the cluster and its arguments, e.g. `-- pipeline --config X`")
 
 
 def submit_main(args: argparse.Namespace) -> int:
-    raise UserError("`selfsup submit` is not built yet")
+    from cluster import submit
+
+    stage_args = list(args.stage_args)
+    if stage_args[:1] == ["--"]:
+        stage_args = stage_args[1:]
+    if args.status:
+        return submit.run_status(args.address, args.status)
+    if args.logs:
+        # --wait is the default for submitting; for logs, only an explicit `--wait` follows
+        return submit.run_logs(args.address, args.logs, follow_logs=args.wait is True)
+    if args.stop:
+        return submit.run_stop(args.address, args.stop)
+    return submit.run_submit(args.address, stage_args, wait=args.wait is not False, requirements=args.requirements,
+                             submission_id=args.submission_id)
 
 
 # name -> (help, add_args, main)
