@@ -1,0 +1,454 @@
+"""WebDataset shards + `manifest.json`: writing them (`selfsup shard`) and finding them again.
+
+Layout of an output DIR (see docs/interfaces.md):
+    DIR/train-000000.tar ...  DIR/test-000000.tar ...  DIR/unlabeled-000000.tar ...
+    DIR/subsets/labeled-<fraction>-seed<seed>.txt      one train key per line
+    DIR/manifest.json                                  written last, atomically, with "complete": true
+
+Shards are planned in the parent (keys numbered per split in source order) and written by a process pool,
+one task per shard, each to a temporary name renamed into place, so the output is the same for any
+`workers`. A DIR without a complete manifest is a crashed run: our own files in it are removed and redone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretrain.config import atomic_write_text
+from pretrain.errors import UserError
+from pretrain.sources import SOURCES, Source, open_source
+
+MANIFEST = "manifest.json"
+MARKER = ".shard-incomplete"  # present while a run writes; a crash leaves it behind
+MIN_SIDE = 8  # images with a shorter side below this are refused (nothing to crop from)
+MAX_SKIPPED_LISTED = 100
+_OURS = re.compile(r"^\.?(train|test|unlabeled)-\d{6}\.tar(\.tmp)?$")
+# encoded formats kept as they are in folders; anything else is re-encoded as PNG
+_FOLDER_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+# ------------------------------------------------------------------ public
+
+
+def fraction_key(value: float | str) -> str:
+    """The manifest key of a labeled fraction: the text as written ("0.01"), or str(float) for numbers."""
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def parse_fractions(values: str | Sequence[float | str]) -> list[tuple[str, float]]:
+    """`"0.01,0.1"` or `[0.01, "0.1"]` -> [("0.01", 0.01), ("0.1", 0.1)]; each must be in (0, 1]."""
+    items = values.split(",") if isinstance(values, str) else list(values)
+    out: dict[str, float] = {}
+    for item in items:
+        key = fraction_key(item)
+        if key == "":
+            continue
+        try:
+            f = float(key)
+        except ValueError:
+            raise UserError(f"labeled fraction {key!r} is not a number: pass e.g. --labeled-fractions 0.01,0.1") from None
+        if not 0 < f <= 1:
+            raise UserError(f"labeled fraction {key} must be in (0, 1]: pass e.g. --labeled-fractions 0.01,0.1")
+        out.setdefault(key, f)
+    return list(out.items())
+
+
+def draw_labeled_subset(keys: Sequence[str], labels: Sequence[int], fraction: float, seed: int) -> list[str]:
+    """A class-balanced, seeded subset of the labeled keys: ceil(fraction * N) keys (at least one per class),
+    spread as evenly over the classes as their sizes allow. Returned in the order of `keys`.
+
+    The one place subsets are drawn: `selfsup shard` stores some, fine-tuning draws other seeds with it.
+    """
+    if not 0 < fraction <= 1:
+        raise UserError(f"labeled fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(labels)} labels")
+    classes = np.unique(labels[labels >= 0])
+    n = int((labels >= 0).sum())
+    if n == 0:
+        raise UserError("cannot draw a labeled subset: the split has no labeled samples")
+    total = min(n, max(len(classes), math.ceil(fraction * n - 1e-9)))
+    rng = np.random.default_rng(seed)
+    members = {int(c): rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    quota = dict.fromkeys(members, 0)
+    remaining = total
+    while remaining > 0:
+        open_ = [c for c in members if quota[c] < len(members[c])]
+        share = remaining // len(open_)
+        if share == 0:  # fewer left than classes: one more each for a seeded choice of classes
+            for c in rng.permutation(open_)[:remaining]:
+                quota[int(c)] += 1
+            break
+        for c in open_:
+            take = min(share, len(members[c]) - quota[c])
+            quota[c] += take
+            remaining -= take
+    chosen = np.sort(np.concatenate([members[c][: quota[c]] for c in members]))
+    return [keys[i] for i in chosen]
+
+
+def shard_url(shards_dir: str | os.PathLike, relpath: str) -> str:
+    """Join a shards dir (local path or URL) and a path from the manifest."""
+    rel = str(relpath)
+    if rel.startswith("/") or ".." in Path(rel).parts:
+        raise UserError(f"manifest path {rel!r} leaves the shards dir: re-create the shards with `selfsup shard`")
+    base = str(shards_dir)
+    if "://" in base:
+        return base.rstrip("/") + "/" + rel
+    return os.path.join(base, rel)
+
+
+def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
+    """The validated manifest of a complete shards dir (local or URL); a one-line UserError otherwise."""
+    url = shard_url(shards_dir, MANIFEST)
+    redo = f"run `selfsup shard SOURCE --out {shards_dir}` first"
+    try:
+        if "://" in str(shards_dir) and not str(shards_dir).startswith("file://"):
+            from webdataset.gopen import gopen
+
+            with gopen(url, "rb") as f:
+                text = f.read().decode("utf-8")
+        else:
+            text = Path(url.removeprefix("file://")).read_text()
+    except (OSError, ValueError, Exception) as e:  # noqa: BLE001 -- every way of not finding it is one message
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"shards not found at {shards_dir}: {redo}") from None
+    try:
+        m = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"{url} is not valid JSON: delete it and {redo}") from None
+    if not isinstance(m, dict) or m.get("complete") is not True:
+        raise UserError(f"shards at {shards_dir} are incomplete (an interrupted `selfsup shard`?): {redo}")
+    for k in ("version", "source", "classes", "image_size", "channels", "mean", "std", "splits", "labeled_subsets"):
+        if k not in m:
+            raise UserError(f"{url} has no {k!r}: it was written by another tool or version; {redo}")
+    for split in ("train", "test"):
+        s = m["splits"].get(split)
+        if not isinstance(s, dict) or not {"count", "shards", "shard_counts"} <= s.keys():
+            raise UserError(f"{url} lacks the {split} split: {redo}")
+    for s in m["splits"].values():
+        for rel in s["shards"]:
+            shard_url(shards_dir, rel)  # refuses paths that leave the dir
+    return m
+
+
+def write_shards(
+    source: str,
+    out_dir: str | os.PathLike,
+    input_dir: str | os.PathLike | None = None,
+    shard_size: int = 512,
+    image_size: int | None = None,
+    labeled_fractions: str | Sequence[float | str] = (0.01, 0.1),
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    workers: int = 2,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Shard `source` into `out_dir` and return the manifest. A finished `out_dir` is returned as it is.
+
+    image_size: shorter side on write; None keeps the size (digits: 16). Never enlarges, except digits.
+    progress: tqdm bar; None = only on a terminal.
+    """
+    if source not in SOURCES:
+        raise UserError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
+    fractions = parse_fractions(labeled_fractions)
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be positive, got {shard_size}")
+    if image_size is not None and image_size < MIN_SIDE:
+        raise UserError(f"--image-size must be at least {MIN_SIDE}, got {image_size}")
+    if not 0 < test_fraction < 1:
+        raise UserError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    out = _prepare_out_dir(out_dir)
+    done = _finished(out, source)
+    if done is not None:
+        return done
+
+    src = open_source(source, input_dir, test_fraction)
+    size = image_size if image_size is not None else src.default_image_size
+    _clean_half_written(out)
+    _inside(out, MARKER).write_text(f"selfsup shard {source} (pid {os.getpid()}) is writing here\n")
+
+    results = _run_tasks(_plan(src, out, shard_size, size), workers, sum(src.counts.values()), progress)
+    manifest = _assemble(src, out, results, size, fractions, seed, shard_size, test_fraction)
+    atomic_write_text(_inside(out, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    _inside(out, MARKER).unlink(missing_ok=True)
+    return manifest
+
+
+# ------------------------------------------------------------- the output
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    text = str(out_dir)
+    if "://" in text or text.startswith("pipe:"):
+        raise UserError(f"--out must be a local directory, got {text}: write locally, then copy the dir")
+    out = Path(text).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file: choose a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out} is not writable: choose another directory")
+    return out.resolve()
+
+
+def _inside(out: Path, rel: str) -> Path:
+    """The resolved path of `rel` in `out`; refuses anything that would land outside (.., symlinks)."""
+    p = (out / rel).resolve()
+    if not p.is_relative_to(out):
+        raise UserError(f"refusing to write {p}: it is outside the output dir {out} (a symlink?)")
+    return p
+
+
+def _finished(out: Path, source: str) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(m, dict) or m.get("complete") is not True:
+        return None
+    if m.get("source") != source:
+        raise UserError(f"{out} already holds complete {m.get('source')} shards, not {source}: "
+                        "choose another --out or delete that dir")
+    counts = ", ".join(f"{s['count']} {name}" for name, s in m["splits"].items() if s["count"])
+    print(f"shards already complete in {out} ({counts}); nothing to do (delete the dir to redo)")
+    return m
+
+
+def _clean_half_written(out: Path) -> None:
+    """Remove what an interrupted run of ours left: only our own file names, never anything else."""
+    ours = [p for p in out.iterdir() if _OURS.match(p.name)]
+    subsets = out / "subsets"
+    if subsets.is_dir() and not subsets.is_symlink():
+        ours += [p for p in subsets.iterdir() if re.match(r"^\.?labeled-.*\.txt(\.tmp)?$", p.name)]
+    stale = [p for p in (out / MARKER, out / MANIFEST) if p.is_file()]
+    if ours or stale:
+        print(f"found a half-written shard dir at {out} (no complete manifest): redoing it", file=sys.stderr)
+    for p in ours + stale:
+        p.unlink()  # a name in `out` (or its real subsets/): removes a symlink itself, never its target
+
+
+# -------------------------------------------------------------- planning
+
+
+def _plan(src: Source, out: Path, shard_size: int, size: int | None) -> Iterator[tuple]:
+    """One task per shard: (path, [(key, label, image)], size, upscale, channels, train?)."""
+    buffers: dict[str, list] = {}
+    counters: dict[str, int] = {}
+    shard_index: dict[str, int] = {}
+
+    def task(split: str) -> tuple:
+        i = shard_index.get(split, 0)
+        shard_index[split] = i + 1
+        items, buffers[split] = buffers[split], []
+        path = _inside(out, f"{split}-{i:06d}.tar")
+        return split, i, str(path), items, size, src.upscale, src.channels
+
+    for split, label, image in src.records:
+        n = counters.get(split, 0)
+        counters[split] = n + 1
+        buffers.setdefault(split, []).append((f"{split}-{n:08d}", label, image))
+        if len(buffers[split]) >= shard_size:
+            yield task(split)
+    for split in list(buffers):
+        if buffers[split]:
+            yield task(split)
+
+
+def _run_tasks(tasks: Iterator[tuple], workers: int, total: int, progress: bool | None) -> list[dict]:
+    from tqdm import tqdm
+
+    results = []
+    bar = tqdm(total=total, unit="img", desc="sharding", disable=(None if progress is None else not progress))
+
+    def collect(r: dict) -> None:
+        results.append(r)
+        bar.update(r["count"] + len(r["skipped"]))
+        for ref, reason in r["skipped"]:
+            print(f"warning: skipped {ref}: {reason}", file=sys.stderr)
+
+    try:
+        if workers == 1:
+            for t in tasks:
+                collect(_write_shard(t))
+            return results
+        # spawn: no inherited threads or Ray state; at most 2 tasks per worker in flight bounds memory
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            pending: set[cf.Future] = set()
+            for t in tasks:
+                pending.add(pool.submit(_write_shard, t))
+                if len(pending) >= 2 * workers:
+                    finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    for f in finished:
+                        collect(f.result())
+            for f in cf.as_completed(pending):
+                collect(f.result())
+        return results
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------- the workers
+
+
+class _Refused(Exception):
+    """An input image that cannot be used: skipped, warned and counted."""
+
+
+def _write_shard(task: tuple) -> dict:
+    """Encode and write one shard; returns what the manifest needs to know about it."""
+    import webdataset as wds
+
+    split, index, path, items, size, upscale, channels = task
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    keys, labels, skipped = [], [], []
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    pixels = 0
+    min_side = None
+    tmp.unlink(missing_ok=True)
+    with open(tmp, "xb") as f:  # exclusive create: never follows a symlink planted under this name
+        writer = wds.TarWriter(f)
+        for key, label, image in items:
+            try:
+                data, ext, arr = _encode(image, size, upscale, channels)
+            except _Refused as e:
+                skipped.append((image if isinstance(image, str) else key, str(e)))
+                continue
+            writer.write({"__key__": key, ext: data, "cls": str(label)})
+            keys.append(key)
+            labels.append(label)
+            min_side = min(arr.shape[:2]) if min_side is None else min(min_side, *arr.shape[:2])
+            if split == "train":  # mean/std are over the train split (in [0, 1] units)
+                x = arr.reshape(-1, channels).astype(np.float64) / 255.0
+                total += x.sum(0)
+                total_sq += (x * x).sum(0)
+                pixels += len(x)
+        writer.close()
+    if keys:
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
+    return {"split": split, "index": index, "path": path if keys else None, "count": len(keys), "keys": keys,
+            "labels": labels, "skipped": skipped, "sum": total, "sum_sq": total_sq, "pixels": pixels,
+            "min_side": min_side}
+
+
+def _target_size(w: int, h: int, size: int | None, upscale: bool) -> tuple[int, int] | None:
+    """New (w, h) with the shorter side `size`, or None when the image stays as it is."""
+    short = min(w, h)
+    if size is None or short == size or (short < size and not upscale):
+        return None
+    scale = size / short
+    return max(size, round(w * scale)), max(size, round(h * scale))
+
+
+def _encode(image: Any, size: int | None, upscale: bool, channels: int) -> tuple[bytes, str, np.ndarray]:
+    """-> (encoded bytes, extension, decoded uint8 array H x W [x C]) of the image as stored."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        img = Image.fromarray(np.ascontiguousarray(image))
+        fmt, original = "PNG", None
+    else:
+        try:
+            with open(image, "rb") as f:
+                original = f.read()
+            img = Image.open(io.BytesIO(original))
+            img.load()  # decodes everything: a truncated or garbled file fails here, not in training
+        except Exception as e:  # noqa: BLE001 -- PIL raises many types for bad files
+            raise _Refused(f"unreadable image ({type(e).__name__}: {e})") from None
+        fmt = img.format if img.format in _FOLDER_FORMATS else "PNG"
+    if min(img.size) < MIN_SIDE:
+        raise _Refused(f"image of {img.size[0]}x{img.size[1]} px is smaller than {MIN_SIDE} px")
+    mode = "L" if channels == 1 else "RGB"
+    keep = original is not None and img.mode == mode and fmt == img.format
+    if img.mode != mode:
+        img = img.convert(mode)
+    new = _target_size(*img.size, size, upscale)
+    if new is not None:
+        keep = False
+        resample = Image.Resampling.BILINEAR if min(new) > min(img.size) else Image.Resampling.BICUBIC
+        img = img.resize(new, resample)
+    arr = np.asarray(img)
+    if keep:
+        return original, _FOLDER_FORMATS[fmt], arr
+    buf = io.BytesIO()
+    params = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue(), _FOLDER_FORMATS[fmt], arr
+
+
+# ------------------------------------------------------------- manifest
+
+
+def _assemble(src: Source, out: Path, results: list[dict], size: int | None, fractions: list[tuple[str, float]],
+              seed: int, shard_size: int, test_fraction: float) -> dict[str, Any]:
+    results.sort(key=lambda r: (r["split"], r["index"]))
+    splits: dict[str, dict[str, Any]] = {}
+    for name in ("train", "test", "unlabeled"):
+        rs = [r for r in results if r["split"] == name and r["count"]]
+        splits[name] = {"count": sum(r["count"] for r in rs),
+                        "shards": [Path(r["path"]).name for r in rs],
+                        "shard_counts": [r["count"] for r in rs]}
+    skipped = [s for r in results for s in r["skipped"]]
+    if splits["train"]["count"] == 0:
+        raise UserError(f"no readable train images in {src.input_dir or src.name} ({len(skipped)} skipped): "
+                        "check the input files")
+    train = [r for r in results if r["split"] == "train"]
+    pixels = sum(r["pixels"] for r in train)
+    mean = sum(r["sum"] for r in train) / pixels
+    var = np.maximum(sum(r["sum_sq"] for r in train) / pixels - mean**2, 0.0)
+    keys = [k for r in train for k in r["keys"]]
+    labels = [lab for r in train for lab in r["labels"]]
+
+    subsets = {}
+    if fractions:
+        _inside(out, "subsets").mkdir(exist_ok=True)
+    for key, frac in fractions:
+        chosen = draw_labeled_subset(keys, labels, frac, seed)
+        rel = f"subsets/labeled-{key}-seed{seed}.txt"
+        atomic_write_text(_inside(out, rel), "".join(k + "\n" for k in chosen))
+        subsets[key] = {"fraction": frac, "count": len(chosen), "seed": seed, "keys": rel}
+
+    return {
+        "version": 1,
+        "complete": True,
+        "source": src.name,
+        "input": src.input_dir,
+        "classes": src.classes,
+        # the smallest shorter side actually stored: `size`, unless smaller images were kept as they are
+        "image_size": int(min(r["min_side"] for r in results if r["min_side"] is not None)),
+        "channels": src.channels,
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in np.sqrt(var)],
+        "seed": seed,
+        "shard_size": shard_size,
+        "test_fraction": test_fraction if src.name == "folder" else None,
+        "splits": splits,
+        "labeled_subsets": subsets,
+        "skipped": len(skipped),
+        "skipped_files": [f"{ref}: {reason}" for ref, reason in skipped[:MAX_SKIPPED_LISTED]],
+    }

@@ -1,0 +1,279 @@
+"""Image sources for `selfsup shard`: one reader per format, each yielding `(split, label, image)`.
+
+`image` is either a uint8 numpy array (H x W x 3, or H x W for grayscale) for sources that arrive as arrays
+(digits, CIFAR, STL-10), or the absolute path of an encoded file (folders), which the shard workers decode,
+so that a large folder is read in parallel. `label` is the class index, or -1 for unlabeled images.
+Readers yield the splits in order (train, test, unlabeled) so the writer can cut shards as it goes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretrain.errors import UserError
+
+SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# The split of sources that have no test set is fixed, independent of `--seed`, so every labeled-subset
+# seed is scored on the same test images.
+SPLIT_SEED = 0
+
+Record = tuple[str, int, Any]
+
+
+@dataclass
+class Source:
+    name: str
+    classes: list[str]
+    channels: int  # 1 (grayscale) or 3
+    records: Iterator[Record]  # (split, label or -1, array or path), splits in order
+    default_image_size: int | None = None  # None: keep the size as given
+    upscale: bool = False  # only digits may be enlarged (8 px -> 16 px)
+    input_dir: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # images per split, before decoding
+
+
+def open_source(name: str, input_dir: str | os.PathLike | None, test_fraction: float = 0.2) -> Source:
+    """The reader for `name`; every problem with the input is a one-line `UserError`."""
+    if name not in SOURCES:
+        raise UserError(f"unknown source {name!r}: choose one of {', '.join(SOURCES)}")
+    if name == "digits":
+        return digits_source()
+    if input_dir is None:
+        raise UserError(f"source {name} needs --input DIR (the directory holding the raw {name} files)")
+    root = Path(input_dir).expanduser()
+    if not root.exists():
+        raise UserError(f"input dir not found: {root}: pass the directory holding the {name} files with --input")
+    if not root.is_dir():
+        raise UserError(f"--input must be a directory, got the file {root}")
+    root = root.resolve()
+    if name in ("cifar10", "cifar100"):
+        return cifar_source(root, name)
+    if name == "stl10":
+        return stl10_source(root)
+    return folder_source(root, test_fraction)
+
+
+# ------------------------------------------------------------------ digits
+
+
+def digits_source() -> Source:
+    """scikit-learn's 8x8 digits (values 0..16), class-stratified 80/20 split: 1437 train, 360 test."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    labels = d.target.astype(np.int64)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=SPLIT_SEED
+    )
+
+    def records() -> Iterator[Record]:
+        for split, idx in (("train", np.sort(idx_train)), ("test", np.sort(idx_test))):
+            for i in idx:
+                yield split, int(labels[i]), images[i]
+
+    return Source("digits", [str(c) for c in range(10)], 1, records(), default_image_size=16, upscale=True,
+                  counts={"train": len(idx_train), "test": len(idx_test)})
+
+
+# ------------------------------------------------------------------- CIFAR
+
+_CIFAR = {
+    # name: (subdir of the official tarball, train files, test files, meta file, label key, names key)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "labels", "label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only what they hold (dicts, lists, numpy arrays), never code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_batch(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            # latin1: the official files were pickled by Python 2; numpy needs the raw bytes kept
+            raw = _ArrayUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # noqa: BLE001 -- any failure means "not a CIFAR batch"
+        raise UserError(f"{path} is not a readable CIFAR batch file ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a CIFAR batch file (expected a pickled dict)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def cifar_source(root: Path, name: str) -> Source:
+    subdir, train_files, test_files, meta_file, label_key, names_key = _CIFAR[name]
+    if (root / subdir).is_dir():  # the extracted official tarball
+        root = root / subdir
+    missing = [f for f in train_files + test_files if not (root / f).is_file()]
+    if missing:
+        raise UserError(f"no {name} batch files in {root} (missing {', '.join(missing)}): pass the directory "
+                        f"of the extracted python version ({subdir}) with --input")
+    batches = {split: [_load_batch(root / f) for f in files]
+               for split, files in (("train", train_files), ("test", test_files))}
+    n_classes = 10 if name == "cifar10" else 100
+    classes = [str(c) for c in range(n_classes)]
+    if (root / meta_file).is_file():
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in _load_batch(root / meta_file)[names_key]]
+        if len(names) == n_classes:
+            classes = names
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split, items in batches.items():
+        data, labels = [], []
+        for b in items:
+            x = np.asarray(b.get("data"))
+            y = np.asarray(b.get(label_key), dtype=np.int64)
+            if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
+                raise UserError(f"{name} batch in {root} has data of shape {x.shape} and {len(y)} labels; "
+                                "expected N x 3072 uint8 and N labels")
+            data.append(x.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(y)
+        arrays[split] = (np.concatenate(data), np.concatenate(labels))
+        bad = arrays[split][1][(arrays[split][1] < 0) | (arrays[split][1] >= n_classes)]
+        if len(bad):
+            raise UserError(f"{name} {split} labels must be in 0..{n_classes - 1}, found {int(bad[0])} in {root}")
+
+    def records() -> Iterator[Record]:
+        for split in ("train", "test"):
+            x, y = arrays[split]
+            for i in range(len(x)):
+                yield split, int(y[i]), x[i]
+
+    return Source(name, classes, 3, records(), input_dir=str(root),
+                  counts={s: len(a[1]) for s, a in arrays.items()})
+
+
+# ------------------------------------------------------------------ STL-10
+
+_STL_PIXELS = 3 * 96 * 96
+
+
+def _stl_images(path: Path) -> np.ndarray:
+    size = path.stat().st_size
+    if size == 0 or size % _STL_PIXELS:
+        raise UserError(f"{path} has {size} bytes, not a multiple of 96*96*3: not an STL-10 image file")
+    # memmap: unlabeled_X.bin is 2.7 GB; images are copied out one shard at a time.
+    x = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96)
+    return x.transpose(0, 3, 2, 1)  # stored column-major: (N, C, W, H) -> (N, H, W, C)
+
+
+def stl10_source(root: Path) -> Source:
+    if (root / "stl10_binary").is_dir():  # the extracted official tarball
+        root = root / "stl10_binary"
+    needed = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
+    missing = [f for f in needed if not (root / f).is_file()]
+    if missing:
+        raise UserError(f"no STL-10 binaries in {root} (missing {', '.join(missing)}): pass the extracted "
+                        "stl10_binary directory with --input")
+    arrays = {}
+    for split in ("train", "test"):
+        x = _stl_images(root / f"{split}_X.bin")
+        y = np.fromfile(root / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1  # 1..10 -> 0..9
+        if len(y) != len(x):
+            raise UserError(f"STL-10 {split}: {len(x)} images but {len(y)} labels in {root}")
+        if len(y) and (y.min() < 0 or y.max() > 9):
+            raise UserError(f"STL-10 {split} labels must be 1..10 in {root}, found {int(y.min()) + 1}..{int(y.max()) + 1}")
+        arrays[split] = (x, y)
+    unlabeled = _stl_images(root / "unlabeled_X.bin") if (root / "unlabeled_X.bin").is_file() else None
+    classes = [str(c) for c in range(10)]
+    names_file = root / "class_names.txt"
+    if names_file.is_file():
+        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        if len(names) == 10:
+            classes = names
+
+    def records() -> Iterator[Record]:
+        for split in ("train", "test"):
+            x, y = arrays[split]
+            for i in range(len(x)):
+                yield split, int(y[i]), x[i]
+        if unlabeled is not None:
+            for i in range(len(unlabeled)):
+                yield "unlabeled", -1, unlabeled[i]
+
+    counts = {s: len(a[1]) for s, a in arrays.items()}
+    counts["unlabeled"] = 0 if unlabeled is None else len(unlabeled)
+    return Source("stl10", classes, 3, records(), input_dir=str(root), counts=counts)
+
+
+# ------------------------------------------------------------------ folder
+
+
+def _image_files(d: Path) -> list[Path]:
+    """Image files under d at any depth, sorted, hidden files and other extensions ignored."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(d, followlinks=False):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        out.extend(Path(dirpath) / f for f in filenames
+                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(out)
+
+
+def _class_dirs(d: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in exclude)
+
+
+def folder_source(root: Path, test_fraction: float = 0.2) -> Source:
+    """`DIR/<class>/*` (test split drawn per class) or `DIR/train/<class>/*` + `DIR/test/<class>/*`,
+    plus `DIR/unlabeled/**` at any depth."""
+    split_layout = (root / "train").is_dir()
+    labeled: dict[str, list[tuple[int, Path]]] = {"train": [], "test": []}
+    if split_layout:
+        class_dirs = _class_dirs(root / "train")
+        classes = [p.name for p in class_dirs]
+        for label, cdir in enumerate(class_dirs):
+            labeled["train"] += [(label, f) for f in _image_files(cdir)]
+        if (root / "test").is_dir():
+            for cdir in _class_dirs(root / "test"):
+                if cdir.name not in classes:
+                    raise UserError(f"test class {cdir.name!r} in {root / 'test'} has no train folder in "
+                                    f"{root / 'train'}: add it there or remove it")
+                labeled["test"] += [(classes.index(cdir.name), f) for f in _image_files(cdir)]
+    else:
+        class_dirs = _class_dirs(root, exclude=("unlabeled", "test"))
+        classes = [p.name for p in class_dirs]
+        rng = np.random.default_rng(SPLIT_SEED)
+        for label, cdir in enumerate(class_dirs):
+            files = _image_files(cdir)
+            order = rng.permutation(len(files))
+            # at least one test and one train image per class once the class has two
+            n_test = 0 if len(files) < 2 else min(len(files) - 1, max(1, round(len(files) * test_fraction)))
+            test_idx = set(order[:n_test].tolist())
+            for i, f in enumerate(files):
+                labeled["test" if i in test_idx else "train"].append((label, f))
+    unlabeled = _image_files(root / "unlabeled") if (root / "unlabeled").is_dir() else []
+    if not labeled["train"]:
+        found = "only unlabeled images" if unlabeled else "no images"
+        raise UserError(f"{found} ({', '.join(IMAGE_EXTENSIONS)}) in {root}: expected labeled images in "
+                        "DIR/<class>/*.jpg, or DIR/train/<class>/* and DIR/test/<class>/*")
+
+    def records() -> Iterator[Record]:
+        for split in ("train", "test"):
+            for label, f in labeled[split]:
+                yield split, label, str(f)
+        for f in unlabeled:
+            yield "unlabeled", -1, str(f)
+
+    counts = {"train": len(labeled["train"]), "test": len(labeled["test"]), "unlabeled": len(unlabeled)}
+    return Source("folder", classes, 3, records(), input_dir=str(root), counts=counts)
