@@ -9,17 +9,22 @@ import sys
 from finetune import cli as finetune_cli
 from pretrain import cli as pretrain_cli
 from pretrain.cli import add_config_args
-from pretrain.errors import UserError, run_cli
+from pretrain.errors import run_cli
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="redo a stage even if it is done: shard, pretrain or finetune (repeatable)")
+                   help="redo a stage even if it is done, and the stages after it: shard, pretrain or finetune")
+    p.add_argument("--local", action="store_true", help="pretrain in this process, without Ray")
 
 
 def pipeline_main(args: argparse.Namespace) -> int:
-    raise UserError("`selfsup pipeline` is not built yet")
+    from cluster.pipeline import run_pipeline
+    from pretrain.cli import load_args_config
+
+    run_pipeline(load_args_config(args), force=args.force, local=args.local)
+    return 0
 
 
 def add_submit_args(p: argparse.ArgumentParser) -> None:
