@@ -1,0 +1,271 @@
+"""The Ray Train launcher shared by pretraining and fine-tuning, and the local mode that mimics it.
+
+`run_training(loop_fn, loop_config, cfg, local, name)` runs one per-worker function either
+- under Ray Train: `TorchTrainer` with the config's ScalingConfig/RunConfig/CheckpointConfig/FailureConfig,
+  gloo on CPU and NCCL on GPU; or
+- in this process (`local=True` or `trainer.num_workers == 0`): rank 0 of a world of 1, on the GPU if there is
+  one, with a progress bar, so pdb works.
+The function talks to either through `session()`: rank, world size, device, `get_checkpoint()`,
+`report(metrics, checkpoint_dir=...)` and `progress(...)`. Checkpoints land in the same layout either way:
+`<storage_path>/<name>/checkpoint_epoch_NNNNNN/`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain.errors import UserError, one_line
+
+# ------------------------------------------------------------------ sessions
+
+
+class LocalSession:
+    """Rank 0 of 1 in this process; persists reported checkpoints like Ray Train does (atomically)."""
+
+    rank = 0
+    local_rank = 0
+    world_size = 1
+    distributed = False
+
+    def __init__(self, run_path: str, num_to_keep: int | None):
+        self.run_path = run_path
+        self.num_to_keep = num_to_keep
+        self._latest: str | None = None
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def get_checkpoint(self) -> str | None:
+        # Ray semantics: only checkpoints reported in this run (restarts); --resume arrives via loop_config
+        return self._latest
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
+        if checkpoint_dir is None:
+            return
+        final = Path(self.run_path) / (dir_name or Path(checkpoint_dir).name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=_mkdir(self.run_path)))
+        try:
+            shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # the rename is the commit: a crash before it leaves the old ones intact
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._latest = str(final)
+        self._prune()
+
+    def _prune(self) -> None:
+        if not self.num_to_keep:
+            return
+        dirs = sorted(p for p in Path(self.run_path).iterdir() if p.is_dir() and p.name.startswith(ckpt.PREFIX))
+        for old in dirs[: -self.num_to_keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def barrier(self) -> None:
+        pass
+
+
+class RaySession:
+    """A Ray Train worker: thin adapter over `ray.train`."""
+
+    distributed = True
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.local_rank = ctx.get_local_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def get_checkpoint(self) -> str | None:
+        import ray.train
+
+        c = ray.train.get_checkpoint()
+        return None if c is None else _checkpoint_uri(c)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
+        # every rank must call report (it is a barrier); only rank 0 passes a checkpoint
+        import ray.train
+
+        c = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=c, checkpoint_dir_name=dir_name)
+
+    def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
+        return iterable  # worker logs go to the driver line by line; a bar would only add noise
+
+    def barrier(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+_LOCAL: LocalSession | None = None
+
+
+def session() -> LocalSession | RaySession:
+    """The current training session: the local shim when `run_training` runs locally, else Ray Train's."""
+    return _LOCAL if _LOCAL is not None else RaySession()
+
+
+def _checkpoint_uri(c: Any) -> str:
+    import pyarrow.fs as pafs
+
+    if isinstance(c.filesystem, pafs.LocalFileSystem):
+        return c.path
+    return f"{c.filesystem.type_name}://{c.path}"
+
+
+def _mkdir(p: str) -> str:
+    Path(p).mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ------------------------------------------------------------------ launching
+
+
+def storage_path(cfg: Any) -> str:
+    """Where checkpoints live: trainer.storage_path (absolute path or URI), default <output_dir>/ray."""
+    sp = cfg.trainer.storage_path
+    if sp is None:
+        return str(Path(cfg.output_dir).resolve() / "ray")
+    return sp if "://" in sp else str(Path(sp).resolve())
+
+
+def run_path(cfg: Any, name: str) -> str:
+    return f"{storage_path(cfg).rstrip('/')}/{name}"
+
+
+def run_training(loop_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: Any, local: bool,
+                 name: str, resume_from: str | None = None) -> Any:
+    """Run `loop_fn(loop_config)` locally or on Ray Train workers; return rank 0's return value.
+
+    `loop_config` gains `run_path` (this run's checkpoint storage) and `resume_from` (a checkpoint
+    to start from when Ray has none of its own, e.g. `--resume`).
+    """
+    global _LOCAL
+    config = {**loop_config, "run_path": run_path(cfg, name), "resume_from": resume_from}
+    if local or cfg.trainer.num_workers == 0:
+        if "://" in config["run_path"]:
+            raise UserError(f"local mode writes checkpoints to a local path, got trainer.storage_path="
+                            f"{cfg.trainer.storage_path}: use a directory, or run under Ray")
+        torch.set_num_threads(cfg.trainer.torch_threads or os.cpu_count() or 1)
+        _LOCAL = LocalSession(config["run_path"], cfg.trainer.num_to_keep)
+        try:
+            return loop_fn(config)
+        finally:
+            _LOCAL = None
+    return _run_ray(loop_fn, config, cfg, name)
+
+
+def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, name: str) -> Any:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.trainer
+    started = init_ray(cfg)
+    try:
+        trainer = TorchTrainer(
+            loop_fn,
+            train_loop_config=config,
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                         resources_per_worker=dict(t.resources_per_worker) or None),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage_path(cfg),
+                checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise UserError(f"training failed after {t.max_failures} restart(s): {_root_cause(e)}") from None
+        return result.return_value
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _root_cause(e: Exception) -> str:
+    """One line for the user: the first worker's own error, not Ray's wrapper text."""
+    failures = getattr(e, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        err = failures[rank]
+        cause = getattr(err, "cause", None) or err
+        return f"rank {rank}: {type(cause).__name__}: {one_line(cause)[:300]}"
+    inner = getattr(e, "controller_failure", None) or e
+    return one_line(inner)[:300]
+
+
+def init_ray(cfg: Any) -> bool:
+    """Connect to the configured/ambient cluster, or start a private local one. True if we started it.
+
+    The local cluster binds to 127.0.0.1, has token authentication on and usage stats off; the
+    dashboard is on because Train V2's controller needs it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.trainer.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as e:  # ConnectionError, RuntimeError, AuthenticationError, ...
+            raise UserError(f"cannot connect to Ray at {address}: {one_line(e)[:200]}; "
+                            "check trainer.address / RAY_ADDRESS, or unset it to start a local cluster") from None
+        return False
+    t = cfg.trainer
+    per_worker = float(t.resources_per_worker.get("CPU", 1))
+    num_cpus = max(1, int(round(per_worker * t.num_workers)))
+    num_gpus = int(round(float(t.resources_per_worker.get("GPU", 1)) * t.num_workers)) if t.use_gpu else 0
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        print(f"warning: RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: the local Ray cluster runs without "
+              "token authentication")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=free_port(), _node_ip_address="127.0.0.1",
+             log_to_driver=True)
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds with one line, instead of Ray's long retry loop, when nothing listens there."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"Ray address {address!r} must look like HOST:PORT or ray://HOST:PORT; "
+                        "fix trainer.address / RAY_ADDRESS")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot reach Ray at {address} ({e.strerror or e}): check trainer.address / "
+                        "RAY_ADDRESS, or unset it to start a local cluster") from None
