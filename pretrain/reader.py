@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
-from webdataset.gopen import gopen, gopen_schemes
 from webdataset.filters import shuffle as wds_shuffle
+from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pretrain.errors import UserError
