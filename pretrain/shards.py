@@ -37,6 +37,7 @@ MAX_SKIPPED_LISTED = 100
 _OURS = re.compile(r"^\.?(train|test|unlabeled)-\d{6}\.tar(\.tmp)?$")
 # encoded formats kept as they are in folders; anything else is re-encoded as PNG
 _FOLDER_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_MTIME = 946684800.0  # a fixed member time (2000-01-01): the same inputs give byte-identical shards
 
 
 # ------------------------------------------------------------------ public
@@ -330,7 +331,7 @@ def _write_shard(task: tuple) -> dict:
     min_side = None
     tmp.unlink(missing_ok=True)
     with open(tmp, "xb") as f:  # exclusive create: never follows a symlink planted under this name
-        writer = wds.TarWriter(f)
+        writer = wds.TarWriter(f, mtime=_MTIME)
         for key, label, image in items:
             try:
                 data, ext, arr = _encode(image, size, upscale, channels)
