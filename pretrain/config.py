@@ -160,14 +160,17 @@ class FinetuneConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     fractions: list[float] | None = None  # None: every labeled subset in the manifest
     full_fraction_methods: list[str] = field(default_factory=lambda: ["pixels", "linear", "scratch"])
-    seeds: int = 3
-    epochs: int = 40  # fine-tune and scratch budget, in passes over the labeled subset (fixed budget)
+    seeds: int = 3  # labeled subsets per fraction (seed i = the manifest's seed + i)
+    full_fraction_seeds: int = 1  # runs at fraction 1.0 (one subset: all labels; seeds vary only the training)
+    epochs: int = 30  # fine-tune and scratch budget, in passes over the labeled subset (fixed budget)
+    full_epochs: int = 5  # the same budget for fraction 1.0 runs (scratch on all labels)
     batch_size: int = 64
     lr: float = 0.05
     weight_decay: float = 5e-4
     start_from: Literal["head", "backbone"] = "head"  # head: keep the first projection layer (SimCLRv2)
-    semi_method: Literal["fixmatch", "distill"] = "fixmatch"
-    semi_epochs: int = 10
+    semi_method: Literal["fixmatch"] = "fixmatch"  # FixMatch from the fine-tuned model
+    semi_epochs: int = 2  # passes over the unlabeled stream (train + unlabeled splits)
+    semi_lr: float = 0.02
     threshold: float = 0.95  # FixMatch confidence for pseudo-labels
     unlabeled_ratio: int = 4  # unlabeled batch = ratio x labeled batch
 
@@ -184,10 +187,15 @@ class FinetuneConfig:
             if not 0 < f <= 1:
                 raise UserError(f"finetune.fractions must each be in (0, 1], got {f}")
         _positive("finetune.seeds", self.seeds)
+        _positive("finetune.full_fraction_seeds", self.full_fraction_seeds)
         _positive("finetune.epochs", self.epochs)
+        _positive("finetune.full_epochs", self.full_epochs)
         _positive("finetune.batch_size", self.batch_size)
         _positive("finetune.lr", self.lr)
+        _positive("finetune.semi_lr", self.semi_lr)
+        _non_negative("finetune.weight_decay", self.weight_decay)
         _non_negative("finetune.semi_epochs", self.semi_epochs)
+        _positive("finetune.unlabeled_ratio", self.unlabeled_ratio)
         if not 0 < self.threshold <= 1:
             raise UserError(f"finetune.threshold must be in (0, 1], got {self.threshold}")
 
