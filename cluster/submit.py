@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import socket
@@ -212,7 +213,9 @@ def follow(client, job_id: str, stream: bool = True) -> int:
         return 0
     info = client.get_job_info(job_id)
     lines = last_error_lines(client, job_id)
-    print(f"error: job {job_id} {status}: {one_line(info.message or '')[:300]}", file=sys.stderr)
+    # Ray appends the whole log tail to the message; its first clause is the outcome, the tail is printed below
+    message = one_line((info.message or "").split(", last available logs")[0])[:300]
+    print(f"error: job {job_id} {status}: {message}", file=sys.stderr)
     if lines:
         print("last lines of the job's output:", file=sys.stderr)
         for ln in lines:
@@ -227,6 +230,9 @@ def run_submit(address: str | None, stage_args: list[str], wait: bool = True, re
                submission_id: str | None = None) -> int:
     entrypoint = build_entrypoint(stage_args)
     runtime_env = build_runtime_env(requirements=requirements)
+    # Ray logs every file it leaves out of the upload at INFO; the user needs the job's output, not that.
+    for name in ("ray._private.runtime_env", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     client = connect(address)
     print(f"submitting to {client.get_address()}: {entrypoint}")
     print(f"runtime_env: {masked(runtime_env)}")
