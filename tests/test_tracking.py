@@ -1,0 +1,125 @@
+"""W&B tracking: a real offline run, read back with wandb's own reader (`wandb leet inspect`)."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pretrain.config import Config
+from pretrain.tracking import (
+    Tracker,
+    init_tracking,
+    read_run_history,
+    read_run_records,
+    resolve_mode,
+    view_grid,
+)
+
+torch.set_num_threads(1)
+
+FAKE_KEY = "local-" + "0123456789abcdef" * 2 + "deadbeef"  # shaped like a real key, valid nowhere
+
+
+@pytest.fixture
+def api_key_env(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    return FAKE_KEY
+
+
+def test_offline_run_holds_metrics_images_and_artifact_but_no_key(tmp_path, api_key_env):
+    cfg = Config()
+    cfg.name = "trk"
+    out = tmp_path / "run"
+    tracker = init_tracking(cfg, "pretrain", out, rank=0)
+    assert tracker.enabled and tracker.run_dir.is_dir() and tracker.run_dir.is_relative_to(out / "wandb")
+
+    losses = [2.0, 1.5, 1.25]
+    for step, loss in enumerate(losses):
+        tracker.log({"train/loss": loss, "train/lr": 0.1 * (step + 1)}, step=step)
+    tracker.log({"epoch": 1, "epoch/loss": 1.58, "epoch/knn_acc": 0.42}, step=3)
+    v1, v2 = torch.randn(6, 1, 16, 16), torch.randn(6, 1, 16, 16)
+    grid = view_grid(v1, v2, mean=[0.3], std=[0.2], n=4)
+    tracker.log_images("views", grid, step=3)
+    tracker.log_table("knn", ["epoch", "acc"], [[1, 0.42]], step=3)
+    encoder = tmp_path / "encoder.json"
+    encoder.write_text('{"model": "resnet18"}')
+    tracker.log_artifact("trk encoder", "model", [encoder])
+    tracker.finish()
+
+    records = read_run_records(tracker.run_dir)
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    by_step = {row["_step"]: row for row in history}
+    assert [by_step[s]["train/loss"] for s in range(3)] == losses
+    assert by_step[2]["train/lr"] == pytest.approx(0.3)
+    assert by_step[3]["epoch/knn_acc"] == pytest.approx(0.42) and by_step[3]["epoch"] == 1
+    # the image: logged as a PNG file of exactly the grid's size, stored in the run
+    assert by_step[3]["views._type"] == "image-file"
+    png = tracker.run_dir / "files" / by_step[3]["views.path"]
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), grid)
+
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["project"] == "selfsup" and run["run_group"] == "trk" and run["display_name"] == "trk-pretrain"
+    config = run["config"]["update"]
+    assert config["pretrain"]["epochs"] == cfg.pretrain.epochs  # the resolved config is the run's config
+    assert any(r["type"] == "artifact" for r in records)
+    assert next(r for r in records if r["type"] == "exit")["exit"].get("exit_code", 0) == 0
+
+    # the key wandb could read from the environment is written nowhere under the output dir
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        assert FAKE_KEY.encode() not in p.read_bytes(), p
+
+
+def test_non_zero_rank_and_disabled_get_a_noop(tmp_path, api_key_env):
+    cfg = Config()
+    t = init_tracking(cfg, "pretrain", tmp_path / "r1", rank=1)
+    assert type(t) is Tracker and t.run_dir is None
+    t.log({"x": 1}, step=0)
+    t.log_images("v", np.zeros((4, 4, 3), np.uint8))
+    t.finish()
+    cfg.wandb.enabled = False
+    assert type(init_tracking(cfg, "pretrain", tmp_path / "r0", rank=0)) is Tracker
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r0").exists()
+
+
+def test_mode_resolution(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_mode(None) == "offline"  # nothing leaves the machine unless asked
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode(None) == "disabled"
+    assert resolve_mode("online") == "online"  # the config wins over the environment
+
+
+def test_view_grid_shows_denormalised_pairs():
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
+    pixels1 = torch.rand(3, 3, 8, 8)
+    pixels2 = torch.rand(3, 3, 8, 8)
+    norm = lambda p: (p - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)  # noqa: E731
+    grid = view_grid(norm(pixels1), norm(pixels2), mean, std, n=16, min_side=8)
+    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
+    # 6 tiles of 8 px in one row with 2 px padding: 2 + 6 * 10 wide, 2 + 10 high
+    assert grid.shape == (12, 62, 3)
+    first = grid[2:10, 2:10].astype(int)  # the first tile is image 0's first view
+    second = grid[2:10, 12:20].astype(int)  # next to it, its second view
+    assert np.abs(first - (pixels1[0].permute(1, 2, 0).numpy() * 255)).max() <= 1
+    assert np.abs(second - (pixels2[0].permute(1, 2, 0).numpy() * 255)).max() <= 1
+    # tiny grayscale views are upscaled and come back as RGB
+    g = view_grid(torch.zeros(2, 1, 16, 16), torch.zeros(2, 1, 16, 16), [0.1], [0.3], min_side=64)
+    assert g.shape == (2 + 66, 2 + 4 * 66, 3)  # 64 px tiles + 2 px padding
+
+
+def test_wandb_dir_is_under_output_dir_not_cwd(tmp_path, api_key_env, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = Config()
+    t = init_tracking(cfg, "finetune", "out", rank=0)
+    t.log({"acc": 0.5}, step=0)
+    t.finish()
+    assert read_run_history(t.run_dir)[0]["acc"] == 0.5
+    assert Path(t.run_dir).is_relative_to((tmp_path / "out" / "wandb").resolve())
+    assert not (tmp_path / "wandb").exists()
+    assert os.path.isabs(t.run_dir)
