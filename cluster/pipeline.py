@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,24 @@ def run_pipeline(cfg: Config, force: list[str] | tuple[str, ...] = (), local: bo
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: choose a directory (output_dir=...)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output_dir {out} ({e.strerror or e}): choose a writable directory "
+                        f"(output_dir=...)") from None
     # One W&B group for both stages' runs, whatever each stage would default to.
     cfg.wandb.group = cfg.wandb.group or cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = save_config(cfg, out / "pipeline.config.yaml")
+    with tempfile.TemporaryDirectory(prefix="selfsup-pipeline-") as tmp:
+        # The stages read the resolved config from a scratch file; the run's record is written only on success,
+        # so a failed run changes nothing it did not have to.
+        config_path = save_config(cfg, Path(tmp) / "pipeline.config.yaml")
+        summary = _run_stages(cfg, config_path, first_forced, local)
+    save_config(cfg, out / "pipeline.config.yaml")
+    print(format_summary(summary), flush=True)
+    return summary
 
+
+def _run_stages(cfg: Config, config_path: Path, first_forced: int, local: bool) -> dict[str, Any]:
     t0 = time.monotonic()
     done: dict[str, str] = {}
     redo = False  # once a stage runs, every later stage runs too: its inputs changed
@@ -66,7 +80,6 @@ def run_pipeline(cfg: Config, force: list[str] | tuple[str, ...] = (), local: bo
     summary = summarize(cfg)
     summary["stages"] = done
     summary["wall_s"] = round(time.monotonic() - t0, 1)
-    print(format_summary(summary), flush=True)
     return summary
 
 
