@@ -34,6 +34,7 @@ MANIFEST = "manifest.json"
 MARKER = ".shard-incomplete"  # present while a run writes; a crash leaves it behind
 MIN_SIDE = 8  # images with a shorter side below this are refused (nothing to crop from)
 MAX_SKIPPED_LISTED = 100
+PARALLEL_MIN_IMAGES = 4096  # below this, shards are written in this process (a pool takes seconds to start)
 _OURS = re.compile(r"^\.?(train|test|unlabeled)-\d{6}\.tar(\.tmp)?$")
 # encoded formats kept as they are in folders; anything else is re-encoded as PNG
 _FOLDER_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -185,7 +186,10 @@ def write_shards(
     _clean_half_written(out)
     _inside(out, MARKER).write_text(f"selfsup shard {source} (pid {os.getpid()}) is writing here\n")
 
-    results = _run_tasks(_plan(src, out, shard_size, size), workers, sum(src.counts.values()), progress)
+    total = sum(src.counts.values())
+    # processes pay off only for many shards; small array sources encode faster than a pool starts
+    workers = 1 if total < PARALLEL_MIN_IMAGES else min(workers, math.ceil(total / shard_size))
+    results = _run_tasks(_plan(src, out, shard_size, size), workers, total, progress)
     manifest = _assemble(src, out, results, size, fractions, seed, shard_size, test_fraction)
     atomic_write_text(_inside(out, MANIFEST), json.dumps(manifest, indent=2) + "\n")
     _inside(out, MARKER).unlink(missing_ok=True)
@@ -294,8 +298,10 @@ def _run_tasks(tasks: Iterator[tuple], workers: int, total: int, progress: bool 
             for t in tasks:
                 collect(_write_shard(t))
             return results
-        # spawn: no inherited threads or Ray state; at most 2 tasks per worker in flight bounds memory
-        ctx = multiprocessing.get_context("spawn")
+        # forkserver: workers fork from a clean server that imported webdataset (and torch) once, so they
+        # start fast and inherit no threads or Ray state; at most 2 tasks per worker in flight bounds memory
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["pretrain.shards", "webdataset", "PIL.Image"])
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             pending: set[cf.Future] = set()
             for t in tasks:
@@ -320,9 +326,21 @@ class _Refused(Exception):
 
 def _write_shard(task: tuple) -> dict:
     """Encode and write one shard; returns what the manifest needs to know about it."""
-    import webdataset as wds
+    from PIL import ImageFile
 
     split, index, path, items, size, upscale, channels = task
+    # a truncated file must fail to decode here, whatever a library in this process set globally
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        return _write_items(split, index, path, items, size, upscale, channels)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+
+
+def _write_items(split: str, index: int, path: str, items: list, size: int | None, upscale: bool,
+                 channels: int) -> dict:
+    import webdataset as wds
+
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     keys, labels, skipped = [], [], []
     total = np.zeros(channels)

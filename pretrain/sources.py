@@ -234,34 +234,35 @@ def _class_dirs(d: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in exclude)
 
 
+def _split_off_test(by_class: list[list[Path]], test_fraction: float) -> dict[str, list[tuple[int, Path]]]:
+    """Per class, a fixed-seed `test_fraction` to test (at least one each side once a class has two)."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    out: dict[str, list[tuple[int, Path]]] = {"train": [], "test": []}
+    for label, files in enumerate(by_class):
+        order = rng.permutation(len(files))
+        n_test = 0 if len(files) < 2 else min(len(files) - 1, max(1, round(len(files) * test_fraction)))
+        test_idx = set(order[:n_test].tolist())
+        for i, f in enumerate(files):
+            out["test" if i in test_idx else "train"].append((label, f))
+    return out
+
+
 def folder_source(root: Path, test_fraction: float = 0.2) -> Source:
     """`DIR/<class>/*` (test split drawn per class) or `DIR/train/<class>/*` + `DIR/test/<class>/*`,
-    plus `DIR/unlabeled/**` at any depth."""
+    plus `DIR/unlabeled/**` at any depth. Classes are the folder names, sorted (torchvision's order)."""
     split_layout = (root / "train").is_dir()
-    labeled: dict[str, list[tuple[int, Path]]] = {"train": [], "test": []}
-    if split_layout:
-        class_dirs = _class_dirs(root / "train")
-        classes = [p.name for p in class_dirs]
-        for label, cdir in enumerate(class_dirs):
-            labeled["train"] += [(label, f) for f in _image_files(cdir)]
-        if (root / "test").is_dir():
-            for cdir in _class_dirs(root / "test"):
-                if cdir.name not in classes:
-                    raise UserError(f"test class {cdir.name!r} in {root / 'test'} has no train folder in "
-                                    f"{root / 'train'}: add it there or remove it")
-                labeled["test"] += [(classes.index(cdir.name), f) for f in _image_files(cdir)]
-    else:
-        class_dirs = _class_dirs(root, exclude=("unlabeled", "test"))
-        classes = [p.name for p in class_dirs]
-        rng = np.random.default_rng(SPLIT_SEED)
-        for label, cdir in enumerate(class_dirs):
-            files = _image_files(cdir)
-            order = rng.permutation(len(files))
-            # at least one test and one train image per class once the class has two
-            n_test = 0 if len(files) < 2 else min(len(files) - 1, max(1, round(len(files) * test_fraction)))
-            test_idx = set(order[:n_test].tolist())
-            for i, f in enumerate(files):
-                labeled["test" if i in test_idx else "train"].append((label, f))
+    class_dirs = _class_dirs(root / "train") if split_layout else _class_dirs(root, exclude=("unlabeled",))
+    classes = [p.name for p in class_dirs]
+    by_class = [_image_files(d) for d in class_dirs]
+    if split_layout and (root / "test").is_dir():
+        labeled = {"train": [(label, f) for label, files in enumerate(by_class) for f in files], "test": []}
+        for cdir in _class_dirs(root / "test"):
+            if cdir.name not in classes:
+                raise UserError(f"test class {cdir.name!r} in {root / 'test'} has no train folder in "
+                                f"{root / 'train'}: add it there or remove it")
+            labeled["test"] += [(classes.index(cdir.name), f) for f in _image_files(cdir)]
+    else:  # no test folder: hold out test_fraction of each class
+        labeled = _split_off_test(by_class, test_fraction)
     unlabeled = _image_files(root / "unlabeled") if (root / "unlabeled").is_dir() else []
     if not labeled["train"]:
         found = "only unlabeled images" if unlabeled else "no images"

@@ -16,6 +16,7 @@ import pytest
 import webdataset as wds
 
 from cluster.cli import main as selfsup
+from pretrain import shards
 from pretrain.errors import UserError
 from pretrain.shards import MANIFEST, draw_labeled_subset, read_manifest, shard_url, write_shards
 from tests.datafiles import (
@@ -167,6 +168,19 @@ def test_image_folder_with_corrupt_files(tmp_path, layout, capfd):
     check_subsets(out, m, samples)
 
 
+def test_split_layout_without_test_folder_holds_out_test_fraction(tmp_path):
+    raw = tmp_path / "raw"
+    write_image_folder(raw, layout="split", classes=("a", "b"), per_class=10, with_unlabeled=False)
+    for p in (raw / "test").rglob("*.*"):
+        p.unlink()
+    for d in sorted((raw / "test").rglob("*"), reverse=True):
+        d.rmdir()
+    (raw / "test").rmdir()
+    m = write_shards("folder", tmp_path / "out", input_dir=raw, test_fraction=0.3, workers=1)
+    assert (m["splits"]["train"]["count"], m["splits"]["test"]["count"]) == (14, 6)
+    assert Counter(int(s["cls"]) for s in read_back(tmp_path / "out", m)["test"]) == {0: 3, 1: 3}
+
+
 def test_unresized_folder_images_are_stored_byte_for_byte(tmp_path):
     raw = tmp_path / "raw"
     write_image_folder(raw, classes=("a", "b"), per_class=3, with_unlabeled=False, size=(24, 24))
@@ -177,7 +191,8 @@ def test_unresized_folder_images_are_stored_byte_for_byte(tmp_path):
     assert stored and all(b in originals for b in stored)
 
 
-def test_parallel_workers_write_the_same_shards(tmp_path):
+def test_parallel_workers_write_the_same_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "PARALLEL_MIN_IMAGES", 0)  # use the pool even for these few images
     raw = tmp_path / "raw"
     write_image_folder(raw, layout="split", classes=("a", "b"), per_class=6, n_unlabeled=5)
     one = write_shards("folder", tmp_path / "one", input_dir=raw, shard_size=3, workers=1)
