@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from pretrain.cli import add_config_args
-from pretrain.errors import UserError
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
@@ -13,7 +12,15 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 
 def finetune_main(args: argparse.Namespace) -> int:
-    raise UserError("`selfsup finetune` is not built yet")
+    from finetune.run import run_finetune
+    from pretrain.cli import load_args_config
+
+    report = run_finetune(load_args_config(args))
+    for c in report["comparisons"]:
+        verdict = "beats" if c["beats_all_baselines_by_2std"] else "does NOT beat"
+        print(f"{c['label_fraction']:g} labeled: {c['best']} {c['accuracy_mean']:.4f} {verdict} "
+              f"{', '.join(c['against'])} by > 2 std")
+    return 0
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
@@ -22,4 +29,8 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def predict_main(args: argparse.Namespace) -> int:
-    raise UserError("`selfsup predict` is not built yet")
+    from finetune.predict import predict_files
+
+    for path, name in predict_files(args.model, args.images):
+        print(f"{path}\t{name}")
+    return 0

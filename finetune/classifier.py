@@ -1,0 +1,144 @@
+"""The classifier that `scratch`, `finetune` and `semi` train: backbone (+ the first projection-head layer)
++ a linear layer, trained on a labeled subset for a fixed budget and evaluated on the test split.
+
+Why the head layer: SimCLRv2 found that fine-tuning from the first layer of the projection head, rather
+than from the backbone output, is better when labels are few (`finetune.start_from: head`). `scratch` builds
+exactly the same network from random weights, so the only difference between the two is the pretraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightly.models.modules import SimCLRProjectionHead
+from torch import nn
+
+from pretrain.augment import BatchAugment, normalize, resolve_augment
+from pretrain.config import AugmentConfig
+from pretrain.model import build_backbone
+from pretrain.optim import lr_at, param_groups, set_lr
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, hidden: nn.Module | None, in_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.hidden = hidden if hidden is not None else nn.Identity()
+        self.fc = nn.Linear(in_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.hidden(self.backbone(x)))
+
+
+def first_head_layer(head: nn.Module) -> nn.Sequential:
+    """Linear -> BatchNorm -> ReLU: the modules of lightly's projection head up to its first non-linearity."""
+    layers = []
+    for m in head.layers:
+        layers.append(m)
+        if isinstance(m, nn.ReLU):
+            break
+    return nn.Sequential(*layers)
+
+
+def architecture(meta: dict[str, Any], num_classes: int, start_from: str) -> dict[str, Any]:
+    """What `build_classifier` needs to rebuild the network (stored in model.json)."""
+    return {
+        "model": meta["model"], "timm_kwargs": dict(meta["timm_kwargs"]), "in_chans": int(meta["in_chans"]),
+        "stem": meta["stem"], "num_features": int(meta["num_features"]), "head": dict(meta["head"]),
+        "start_from": start_from, "num_classes": int(num_classes),
+    }
+
+
+def build_classifier(arch: dict[str, Any], backbone: nn.Module | None = None, head: nn.Module | None = None) -> Classifier:
+    """The network of `arch`; with `backbone`/`head` given their weights are copied in, else random init."""
+    if backbone is None:
+        backbone = build_backbone(arch["model"], arch["in_chans"], arch["stem"], arch["timm_kwargs"])
+    nf = int(arch["num_features"])
+    hidden, in_dim = None, nf
+    if arch["start_from"] == "head":
+        h = arch["head"]
+        if head is None:
+            head = SimCLRProjectionHead(nf, h["hidden_dim"], h["output_dim"], h["num_layers"])
+        hidden, in_dim = first_head_layer(head), int(h["hidden_dim"])
+    return Classifier(backbone, hidden, in_dim, int(arch["num_classes"]))
+
+
+# ------------------------------------------------------------------ augmentation
+
+
+def _resolved(augment_cfg: AugmentConfig) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(AugmentConfig)} - {"preset"}
+    return {k: v for k, v in resolve_augment(augment_cfg).items() if k in names}
+
+
+def mild_augment(augment_cfg: AugmentConfig) -> AugmentConfig:
+    """The pretraining recipe, milder: larger crops, half the colour jitter, no grayscale or blur.
+    Supervised training on few labels needs variety but not the extreme views contrastive learning wants."""
+    r = _resolved(augment_cfg)
+    lo, hi = r["crop_scale"]
+    r.update(crop_scale=[max(lo, 0.5), hi], jitter_prob=r["jitter_prob"] * 0.5,
+             jitter_strength=r["jitter_strength"] * 0.5, grayscale_prob=0.0, blur_prob=0.0)
+    return AugmentConfig(preset=augment_cfg.preset, **r)
+
+
+def weak_augment(augment_cfg: AugmentConfig) -> AugmentConfig:
+    """FixMatch's weak view: flip (as configured) and a gentle crop, nothing photometric."""
+    r = _resolved(augment_cfg)
+    r.update(crop_scale=[0.8, 1.0], crop_ratio=[0.9, 1.1], jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    return AugmentConfig(preset=augment_cfg.preset, **r)
+
+
+def make_augment(augment_cfg: AugmentConfig, image_size: int, mean, std, device) -> BatchAugment:
+    return BatchAugment(augment_cfg, image_size=image_size, mean=mean, std=std).to(device)
+
+
+# ------------------------------------------------------------------ training and evaluation
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
+
+
+def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment, *, epochs: int,
+                     batch_size: int, lr: float, weight_decay: float, seed: int,
+                     device: str | torch.device = "cpu") -> dict[str, float]:
+    """Cross-entropy on augmented labeled images for a fixed budget: `epochs` passes over the subset
+    (at least one step per epoch), cosine lr with a short warmup. Nothing here looks at the test split."""
+    n = images.shape[0]
+    bs = min(batch_size, n)
+    steps = max(epochs, math.ceil(epochs * n / bs))
+    warmup = max(1, steps // 20)
+    g = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(model, lr, weight_decay)
+    model.to(device).train()
+    order, pos, loss = torch.randperm(n, generator=g), 0, torch.tensor(0.0)
+    for step in range(steps):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos:pos + bs]
+        pos += bs
+        x = augment(images[idx].to(device))
+        loss = F.cross_entropy(model(x), labels[idx].to(device))
+        set_lr(opt, lr_at(step, steps, warmup, lr))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {"steps": steps, "final_loss": float(loss)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 512,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Eval-mode logits of uint8 images, normalised like the test split (no augmentation)."""
+    was = model.training
+    model.eval()
+    try:
+        out = [model(normalize(images[i:i + batch_size].to(device), mean, std)).float().cpu()
+               for i in range(0, images.shape[0], batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(out)

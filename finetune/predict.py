@@ -1,0 +1,116 @@
+"""The fine-tuned classifier as a file a user keeps, and `selfsup predict MODEL IMAGE...`.
+
+`classifiers/<method>-<fraction>/` holds `model.safetensors` (weights only: loading runs no code),
+`model.json` (classes, preprocessing, architecture; written last, so its presence means complete) and
+`predictions.csv` (the evaluation's answer for every test key, so anyone can check a prediction later).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from finetune.classifier import build_classifier, predict_logits
+from pretrain.config import atomic_write_text
+from pretrain.errors import UserError
+
+WEIGHTS = "model.safetensors"
+META = "model.json"
+PREDICTIONS = "predictions.csv"
+
+
+def save_classifier(out_dir: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any], classes: list[str],
+                    manifest: dict, *, method: str, fraction: float, seed: int, accuracy: float,
+                    test_keys: list[str], test_labels: np.ndarray, test_pred: np.ndarray) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META).unlink(missing_ok=True)  # an old model.json must not vouch for new weights
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, out / WEIGHTS)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["key", "label", "predicted", "label_name", "predicted_name"])
+    for k, y, p in zip(test_keys, test_labels, test_pred):
+        w.writerow([k, int(y), int(p), classes[int(y)], classes[int(p)]])
+    atomic_write_text(out / PREDICTIONS, buf.getvalue())
+    meta = {
+        "format": "selfsup-classifier", "version": 1, "classes": list(classes),
+        "preprocessing": {"image_size": int(manifest["image_size"]), "channels": int(manifest["channels"]),
+                          "mean": [float(v) for v in manifest["mean"]], "std": [float(v) for v in manifest["std"]],
+                          "resize": "shorter side to image_size (bicubic down, bilinear up), then center crop"},
+        "architecture": arch, "method": method, "label_fraction": float(fraction), "seed": int(seed),
+        "test_accuracy": float(accuracy),
+        "selected": "the most accurate finetune/semi run of this fraction on the test split (the report's "
+                    "numbers are not affected by this choice)",
+    }
+    atomic_write_text(out / META, json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_classifier(model_dir: str | Path):
+    """-> (model in eval mode, meta). Weights come from safetensors only, loaded strictly."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"classifier not found at {d}: pass a directory under <output_dir>/classifiers/ "
+                        "written by `selfsup finetune`")
+    if not (d / META).is_file():
+        raise UserError(f"{d / META} is missing: {d} is not a classifier written by `selfsup finetune`")
+    try:
+        meta = json.loads((d / META).read_text())
+        arch, pre, classes = meta["architecture"], meta["preprocessing"], meta["classes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{d / META} is not a valid classifier description ({e}): rerun `selfsup finetune`") from None
+    model = build_classifier(arch)
+    try:
+        state = load_file(str(d / WEIGHTS))
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"weights {d / WEIGHTS} are missing or do not match {META} "
+                        f"({' '.join(str(e).split())[:160]}): rerun `selfsup finetune`") from None
+    if len(classes) != arch["num_classes"] or not {"image_size", "channels", "mean", "std"} <= pre.keys():
+        raise UserError(f"{d / META} is inconsistent (classes or preprocessing): rerun `selfsup finetune`")
+    return model.eval(), meta
+
+
+def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """uint8 [C, size, size] prepared as the shards were: mode, shorter side to `size`, center crop."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            img = im.convert("L" if channels == 1 else "RGB")
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}): pass a JPEG, PNG or WebP") from None
+    w, h = img.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        new = (max(size, round(w * scale)), max(size, round(h * scale)))
+        up = min(new) > min(img.size)
+        img = img.resize(new, Image.Resampling.BILINEAR if up else Image.Resampling.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def predict_files(model_dir: str | Path, images: list[str]) -> list[tuple[str, str]]:
+    """[(path, class name)] for each image file."""
+    model, meta = load_classifier(model_dir)
+    pre = meta["preprocessing"]
+    batch = torch.stack([load_image(p, int(pre["image_size"]), int(pre["channels"])) for p in images])
+    pred = predict_logits(model, batch, pre["mean"], pre["std"]).argmax(1).tolist()
+    return [(p, meta["classes"][i]) for p, i in zip(images, pred)]

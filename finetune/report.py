@@ -1,0 +1,195 @@
+"""The label-efficiency report: report.json (the numbers), report.md (the table a person reads) and
+label_efficiency.png (accuracy against labeled fraction). Every sentence is computed from the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretrain.config import METHODS, atomic_write_text
+
+BASELINES = ("pixels", "scratch")
+PRETRAINED = ("finetune", "semi", "linear", "knn")
+
+
+def result_row(method: str, fraction: float, labels: int, accuracies: list[float], compute_s: float) -> dict[str, Any]:
+    acc = np.asarray(accuracies, dtype=float)
+    # sample standard deviation over seeds (ddof=1): the honest spread for the 2-sigma comparison
+    std = float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
+    return {"method": method, "label_fraction": float(fraction), "labels": int(labels),
+            "accuracy_mean": float(acc.mean()), "accuracy_std": std, "seeds": len(acc),
+            "accuracies": [float(a) for a in acc], "compute_s": round(float(compute_s), 2)}
+
+
+def _order(rows: list[dict]) -> list[dict]:
+    rank = {m: i for i, m in enumerate(METHODS)}
+    return sorted(rows, key=lambda r: (rank.get(r["method"], len(rank)), r["label_fraction"]))
+
+
+def _row(rows: list[dict], method: str, fraction: float) -> dict | None:
+    for r in rows:
+        if r["method"] == method and abs(r["label_fraction"] - fraction) < 1e-12:
+            return r
+    return None
+
+
+def comparisons(rows: list[dict]) -> list[dict[str, Any]]:
+    """Per labeled fraction below 1: the best of finetune/semi against each baseline, with the margin in
+    units of the larger of the two standard deviations (the product's claim is margin > 2 of them)."""
+    out = []
+    for f in sorted({r["label_fraction"] for r in rows if r["label_fraction"] < 1}):
+        ours = [r for m in ("finetune", "semi") if (r := _row(rows, m, f))]
+        base = [r for m in BASELINES if (r := _row(rows, m, f))]
+        if not ours or not base:
+            continue
+        best = max(ours, key=lambda r: r["accuracy_mean"])
+        against = {}
+        for b in base:
+            margin = best["accuracy_mean"] - b["accuracy_mean"]
+            spread = max(best["accuracy_std"], b["accuracy_std"])
+            against[b["method"]] = {"margin": margin, "std": spread,
+                                    "beats_by_2std": bool(margin > 2 * spread and margin > 0)}
+        out.append({"label_fraction": f, "labels": best["labels"], "best": best["method"],
+                    "accuracy_mean": best["accuracy_mean"], "against": against,
+                    "beats_all_baselines_by_2std": all(a["beats_by_2std"] for a in against.values())})
+    return out
+
+
+def build_report(dataset: str, encoder: str | None, rows: list[dict], **extra: Any) -> dict[str, Any]:
+    rows = _order(rows)
+    compute: dict[str, float] = {}
+    for r in rows:
+        compute[r["method"]] = round(compute.get(r["method"], 0.0) + r["compute_s"], 2)
+    return {"dataset": dataset, "encoder": encoder, "results": rows, "compute_s": compute,
+            "comparisons": comparisons(rows), **extra}
+
+
+# ------------------------------------------------------------------ markdown
+
+
+def _pct(f: float) -> str:
+    return f"{f * 100:g}%"
+
+
+def summary_sentences(report: dict[str, Any]) -> list[str]:
+    rows = report["results"]
+    out = []
+    for c in report["comparisons"]:
+        base = max(c["against"], key=lambda m: _row(rows, m, c["label_fraction"])["accuracy_mean"])
+        b = _row(rows, base, c["label_fraction"])
+        a = c["against"][base]
+        verdict = ("more than two standard deviations" if a["beats_by_2std"] else
+                   "not by two standard deviations" if a["margin"] > 0 else "no gain at all")
+        out.append(
+            f"With {_pct(c['label_fraction'])} of the labels ({c['labels']} images), `{c['best']}` reaches "
+            f"{c['accuracy_mean'] * 100:.1f}% against {b['accuracy_mean'] * 100:.1f}% for the best baseline "
+            f"(`{base}`): {a['margin'] * 100:+.1f} points, {verdict}."
+        )
+    full = [r for r in rows if r["label_fraction"] >= 1]
+    few = [r for r in rows if r["label_fraction"] < 1 and r["method"] in PRETRAINED]
+    if full and few:
+        top_full = max(full, key=lambda r: r["accuracy_mean"])
+        top_few = max(few, key=lambda r: (r["accuracy_mean"], -r["label_fraction"]))
+        gap = top_full["accuracy_mean"] - top_few["accuracy_mean"]
+        out.append(
+            f"With all {top_full['labels']} labels the best method here (`{top_full['method']}`) reaches "
+            f"{top_full['accuracy_mean'] * 100:.1f}%; `{top_few['method']}` with {top_few['labels']} labels "
+            f"({_pct(top_few['label_fraction'])}) comes within {gap * 100:.1f} points of it"
+            if gap >= 0 else
+            f"With all {top_full['labels']} labels the best method here (`{top_full['method']}`) reaches "
+            f"{top_full['accuracy_mean'] * 100:.1f}%, and `{top_few['method']}` with only {top_few['labels']} "
+            f"labels ({_pct(top_few['label_fraction'])}) beats it by {-gap * 100:.1f} points"
+        )
+        out[-1] += "."
+    return out
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    rows = report["results"]
+    fractions = sorted({r["label_fraction"] for r in rows})
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    labels = {f: max(r["labels"] for r in rows if r["label_fraction"] == f) for f in fractions}
+    head = "| method | " + " | ".join(f"{_pct(f)} ({labels[f]} labels)" for f in fractions) + " | compute (s) |"
+    lines = [f"# Label efficiency: {report['dataset']}", "",
+             f"Encoder: `{report['encoder']}`. Test accuracy (%) on the test split, mean ± std over seeds "
+             "(labeled subsets); the same fixed training budget for every seed, no model choice on the test split.",
+             "", head, "|" + "---|" * (len(fractions) + 2)]
+    for m in methods:
+        cells = []
+        for f in fractions:
+            r = _row(rows, m, f)
+            cells.append("" if r is None else
+                         f"{r['accuracy_mean'] * 100:.1f} ± {r['accuracy_std'] * 100:.1f} (n={r['seeds']})")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {report['compute_s'].get(m, 0):.1f} |")
+    lines += ["", *summary_sentences(report), ""]
+    if report.get("semi_method"):
+        lines.append(f"`semi` is {report['semi_method']}, started from each seed's `finetune` model; its compute "
+                     "time includes that fine-tuning.")
+    lines += ["", "![label efficiency](label_efficiency.png)", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ plot
+
+
+def plot(report: dict[str, Any], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for m in [m for m in METHODS if any(r["method"] == m for r in rows)]:
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["label_fraction"])
+        x = [r["label_fraction"] for r in rs]
+        y = [r["accuracy_mean"] * 100 for r in rs]
+        e = [r["accuracy_std"] * 100 for r in rs]
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=m, linestyle="--" if m in BASELINES else "-")
+    fractions = sorted({r["label_fraction"] for r in rows})
+    ax.set_xscale("log")
+    ax.set_xticks(fractions)
+    ax.set_xticklabels([_pct(f) for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("labeled fraction of the train split (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Label efficiency on {report['dataset']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    cols = ["method", "label_fraction", "labels", "accuracy_mean", "accuracy_std", "seeds", "compute_s"]
+    return cols, [[r[c] for c in cols] for r in report["results"]]
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """label_efficiency.png, report.md, then report.json last: its presence means the stage is done."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"png": plot(report, out / "label_efficiency.png"), "md": out / "report.md", "json": out / "report.json"}
+    atomic_write_text(paths["md"], to_markdown(report))
+    atomic_write_text(paths["json"], json.dumps(_finite(report), indent=2) + "\n")
+    return paths
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN: a NaN accuracy would make report.json unreadable to strict parsers."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
