@@ -330,6 +330,7 @@ class _ShardStream(IterableDataset):
     def iterate(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict, dict]]:
         epoch = int(self.epoch_value.value)
         pieces, quota = self.plan(epoch, worker)
+        everything = [_Piece(shard, 0, shard.count) for shard in self.shards]
         decoder = _Decoder(self.channels, self.image_size, self.nominal_size, self.num_classes)
         reported_skips, reported_fixes = Counter(), Counter()
 
@@ -359,7 +360,12 @@ class _ShardStream(IterableDataset):
                     break
             if wanted is None:
                 break
-            if not got:  # a full pass without one readable sample: resampling would loop forever
+            if not got and pieces is not everything:
+                # this worker's part is all corrupt: resample from the whole split rather than stop short
+                _skip(decoder.skips, "unreadable_part", f"rank {self.rank} worker {worker}: resampling the split")
+                pieces = everything
+                continue
+            if not got:  # a full pass over the split without one readable sample: resampling would loop forever
                 raise UserError(
                     f"no readable samples in {len(pieces)} shard pieces of rank {self.rank} "
                     f"({dict(decoder.skips)} skipped), e.g. {pieces[0].shard.url}: re-run `selfsup shard`"
@@ -404,9 +410,16 @@ def _samples(shard: _Shard, skips: Counter, keys: frozenset | None = None, start
     except Exception as e:  # noqa: BLE001 -- any way a shard fails to open is one counted skip
         _skip(skips, "unreadable_shard", f"{shard.url}: {e}")
         return
+    def files():
+        # the tar's own errors end the file stream here, so the last complete sample is still grouped
+        try:
+            for f in tar_file_iterator(stream, handler=handler):
+                yield {**f, "__url__": shard.url}
+        except Exception as e:  # noqa: BLE001 -- tarfile.ReadError, EOFError, zlib errors: the rest is lost
+            errors.append(e)
+
     try:
-        files = ({**f, "__url__": shard.url} for f in tar_file_iterator(stream, handler=handler))
-        for sample in group_by_keys(files, handler=handler):
+        for sample in group_by_keys(files(), handler=handler):
             if keys is not None and sample["__key__"] not in keys:
                 continue
             if stop is not None and position >= stop:
@@ -414,8 +427,6 @@ def _samples(shard: _Shard, skips: Counter, keys: frozenset | None = None, start
             if position >= start:
                 yield sample
             position += 1
-    except Exception as e:  # noqa: BLE001 -- tarfile.ReadError, EOFError, zlib errors: the rest is lost
-        errors.append(e)
     finally:
         stream.close()
     if errors:

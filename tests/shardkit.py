@@ -30,7 +30,10 @@ def image_for(split: str, index: int, size: int, channels: int, rng: np.random.G
 
 def keys_of(images) -> list[str]:
     """Recover the keys `image_for` wrote, from a uint8 [B, C, S, S] batch."""
-    return [f"{SPLITS[int(im[0, 0, 2])]}-{int(im[0, 0, 0]) * 256 + int(im[0, 0, 1]):08d}" for im in images]
+    return [
+        f"{SPLITS[int(im[0, 0, 2])]}-{int(im[0, 0, 0]) * 256 + int(im[0, 0, 1]):08d}" if im[0, 0, 2] < 3 else "?"
+        for im in images
+    ]
 
 
 def encode(arr: np.ndarray, fmt: str = "png") -> bytes:
