@@ -212,13 +212,8 @@ def _interrupted_pretrain(cfg: Config) -> bool:
 
 
 def _pretrain_run_name(cfg: Config) -> str:
-    """The Ray run name pretraining uses (its checkpoints live under storage_path/<name>)."""
-    try:
-        from pretrain.cli import pretrain_run_name
-
-        return pretrain_run_name(cfg)
-    except ImportError:
-        return cfg.name
+    """The Ray run name pretraining uses: its checkpoints live under <storage_path>/<name>."""
+    return cfg.name
 
 
 def _set_aside(stage: str, cfg: Config) -> None:
@@ -236,7 +231,7 @@ def _set_aside(stage: str, cfg: Config) -> None:
         names = ["encoder.json", "encoder.safetensors", "head.safetensors", "metrics.jsonl", "config.yaml"]
         from pretrain.launch import run_path
 
-        ckpts = Path(run_path(cfg, _pretrain_run_name(cfg)))
+        ckpts = run_path(cfg, _pretrain_run_name(cfg))
     else:
         names = ["report.json", "report.md", "label_efficiency.png", "classifiers", "finetune.config.yaml"]
         ckpts = None
@@ -244,9 +239,22 @@ def _set_aside(stage: str, cfg: Config) -> None:
     for name in names:
         if (out / name).exists():
             shutil.move(str(out / name), str(dest / name))
-    if ckpts is not None and "://" not in str(ckpts) and ckpts.exists():
-        shutil.move(str(ckpts), str(dest / "checkpoints"))
+    if ckpts is not None:
+        _move_checkpoints(str(ckpts), dest)
     print(f"[pipeline] {stage}: previous outputs moved to {dest}", flush=True)
+
+
+def _move_checkpoints(run: str, dest: Path) -> None:
+    """Old checkpoints out of the way, or pretraining would (rightly) refuse to start over them."""
+    if "://" not in run:
+        if Path(run).exists():
+            shutil.move(run, str(dest / "checkpoints"))
+        return
+    import pyarrow.fs as pafs  # storage_path as a URI (s3://, gs://, file://): moved within that storage
+
+    fs, path = pafs.FileSystem.from_uri(run)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.move(path, f"{path}.superseded-{dest.name}")
 
 
 def _superseded_dir(out: Path, stage: str) -> Path:

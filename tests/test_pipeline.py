@@ -1,0 +1,98 @@
+"""`selfsup pipeline` end to end in this process: all stages, then skips, --force, stale configs, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(tmp: Path) -> list[str]:
+    """The digits pipeline on a tiny budget, in local mode (no Ray: that path is tested in test_submit)."""
+    return ["pipeline", "--local", "--config", "configs/digits.yaml", f"output_dir={tmp / 'run'}",
+            f"data.shards={tmp / 'shards'}", "data.labeled_fractions=[0.1]", "pretrain.epochs=2",
+            "pretrain.batch_size=128", "pretrain.knn_every=0", "model.timm_kwargs={channels: [8, 16, 32, 64]}",
+            "model.proj_hidden_dim=64", "model.proj_output_dim=32", "trainer.torch_threads=1",
+            "finetune.seeds=2", "finetune.methods=[pixels,scratch,linear]",
+            "finetune.full_fraction_methods=[pixels]", "finetune.epochs=2"]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(capsys, argv: list[str]) -> str:
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def epochs_in(metrics: Path) -> list[int]:
+    return [json.loads(ln)["epoch"] for ln in metrics.read_text().splitlines() if ln.strip()]
+
+
+def test_pipeline_runs_skips_forces_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    run_dir = tmp_path / "run"
+
+    # 1. everything runs, and the summary says where things are and what the headline is
+    out = run(capsys, tiny(tmp_path))
+    for stage in ("shard", "pretrain", "finetune"):
+        assert f"[pipeline] {stage}: running" in out
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {(r["method"], r["label_fraction"]) for r in report["results"]} >= {
+        ("pixels", 0.1), ("scratch", 0.1), ("linear", 0.1), ("pixels", 1.0)}
+    assert f"report:  {run_dir / 'report.md'}" in out
+    assert f"plot:    {run_dir / 'label_efficiency.png'}" in out
+    assert f"encoder: {run_dir / 'encoder.safetensors'}" in out
+    smallest = [r for r in report["results"] if r["label_fraction"] == 0.1]
+    best = max(smallest, key=lambda r: r["accuracy_mean"])
+    assert "headline at 0.1 of the labels" in out
+    assert f"{best['method']} {best['accuracy_mean']:.3f} ± {best['accuracy_std']:.3f}" in out
+    assert (run_dir / "pipeline.config.yaml").is_file()
+    assert "group: digits" in (run_dir / "pipeline.config.yaml").read_text()  # one W&B group for all stages
+    assert epochs_in(run_dir / "metrics.jsonl") == [1, 2]
+
+    # 2. a second run skips every stage and changes nothing
+    before = {p: digest(p) for p in (run_dir / "encoder.json", run_dir / "report.json",
+                                     tmp_path / "shards" / "manifest.json")}
+    out = run(capsys, tiny(tmp_path))
+    for stage in ("shard", "pretrain", "finetune"):
+        assert f"[pipeline] {stage}: done, skipped" in out
+    assert "running" not in out and "NOTE" not in out
+    assert before == {p: digest(p) for p in before}
+
+    # 3. a changed stage config is pointed out, not silently ignored
+    out = run(capsys, [*tiny(tmp_path), "finetune.epochs=3"])
+    assert "[pipeline] finetune: done, skipped" in out and "finetune.epochs 2 -> 3" in out
+
+    # 4. --force finetune redoes only finetune, keeping the old report aside
+    out = run(capsys, [*tiny(tmp_path), "--force", "finetune"])
+    assert "[pipeline] shard: done, skipped" in out and "[pipeline] pretrain: done, skipped" in out
+    assert "[pipeline] finetune: running" in out
+    assert digest(run_dir / "encoder.json") == before[run_dir / "encoder.json"]
+    assert (run_dir / "report.json").is_file()
+    old = list((run_dir / "superseded").glob("finetune-*/report.json"))
+    assert len(old) == 1 and digest(old[0]) == before[run_dir / "report.json"]
+
+    # 5. an interrupted pretraining (checkpoints, no encoder yet) is resumed, not restarted, then finetune reruns
+    (run_dir / "encoder.json").unlink()
+    out = run(capsys, tiny(tmp_path))
+    assert "[pipeline] shard: done, skipped" in out
+    assert "pretrain: resuming the interrupted run" in out and "[pipeline] finetune: running" in out
+    assert (run_dir / "encoder.json").is_file()
+    assert epochs_in(run_dir / "metrics.jsonl") == [1, 2]  # each epoch exactly once
+
+
+def test_force_unknown_stage_is_one_line(tmp_path, capsys):
+    assert main(["pipeline", f"output_dir={tmp_path / 'x'}", "--force", "everything"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force everything" in err[0]
+    assert not (tmp_path / "x").exists()
