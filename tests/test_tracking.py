@@ -123,3 +123,31 @@ def test_wandb_dir_is_under_output_dir_not_cwd(tmp_path, api_key_env, monkeypatc
     assert Path(t.run_dir).is_relative_to((tmp_path / "out" / "wandb").resolve())
     assert not (tmp_path / "wandb").exists()
     assert os.path.isabs(t.run_dir)
+
+
+@pytest.mark.slow
+def test_a_pretrain_run_writes_and_prints_no_api_key(tmp_path):
+    """Issue 7, security defaults: with WANDB_API_KEY set, a whole (tiny, local) `selfsup pretrain` run puts
+    the key in no file it writes -- config, metrics, checkpoints, encoder, W&B run -- nor in its output."""
+    import subprocess
+    import sys
+
+    from shardkit import make_shards
+
+    make_shards(tmp_path / "shards", {"train": 48, "test": 16}, shard_size=16, image_size=8, channels=3)
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "offline", "WANDB_SILENT": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "--local", f"output_dir={out}", f"data.shards={tmp_path / 'shards'}",
+         "data.image_size=8", "pretrain.epochs=1", "pretrain.batch_size=16", "trainer.torch_threads=1",
+         "model.timm_kwargs={channels: [8, 8, 16, 16]}", "model.proj_hidden_dim=16", "model.proj_output_dim=8"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "encoder.json").is_file() and (out / "config.yaml").is_file()
+    assert read_run_history(next((out / "wandb").glob("offline-run-*")))  # the W&B run was really written
+    assert FAKE_KEY not in proc.stdout + proc.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    leaked = [p for p in files if FAKE_KEY.encode() in p.read_bytes()]
+    assert not leaked, leaked
