@@ -167,6 +167,10 @@ def read_encoder_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{meta_path} is not valid JSON ({e}): rerun `selfsup pretrain`") from None
     needed = ("model", "timm_kwargs", "in_chans", "stem", "num_features", "head")
     missing = [k for k in needed if not isinstance(meta, dict) or k not in meta]
+    if not missing:
+        head = meta["head"]
+        missing = [f"head.{k}" for k in ("hidden_dim", "output_dim", "num_layers")
+                   if not isinstance(head, dict) or k not in head]
     if missing:
         raise UserError(f"{meta_path} lacks keys {', '.join(missing)}: rerun `selfsup pretrain`")
     return meta
@@ -176,7 +180,10 @@ def load_encoder(run_dir: str | os.PathLike, with_head: bool = False, device: st
     """-> (backbone, head or None, meta), rebuilt from encoder.json and loaded strictly, in eval mode."""
     d = Path(run_dir)
     meta = read_encoder_meta(d)
-    backbone = build_backbone(meta["model"], int(meta["in_chans"]), meta["stem"], meta["timm_kwargs"])
+    try:
+        backbone = build_backbone(meta["model"], int(meta["in_chans"]), meta["stem"], meta["timm_kwargs"])
+    except UserError as e:  # the architecture named in the JSON no longer builds (edited file, other timm)
+        raise UserError(f"{d / ENCODER_META} describes a model that cannot be built: {e}") from None
     _load_strict(backbone, d / ENCODER_WEIGHTS, meta)
     head = None
     if with_head:

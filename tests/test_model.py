@@ -237,3 +237,19 @@ def test_scheduler_state_roundtrips():
     opt2.step()
     sched2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(lr_at(8, 20, 4, 1.0))
+
+
+def test_load_encoder_names_the_json_when_its_model_cannot_be_built(tmp_path):
+    cfg = tiny_cfg()
+    model = build_model(cfg.model, 1)
+    save_encoder(tmp_path, model, encoder_meta(cfg, MANIFEST, model, 1, None))
+    meta = json.loads((tmp_path / "encoder.json").read_text())
+    (tmp_path / "encoder.json").write_text(json.dumps({**meta, "model": "resnet_gone"}))
+    with pytest.raises(UserError, match="encoder.json describes a model that cannot be built.*resnet_gone"):
+        load_encoder(tmp_path)
+    (tmp_path / "encoder.json").write_text(json.dumps({**meta, "head": {"hidden_dim": 32}}))
+    with pytest.raises(UserError, match="lacks keys head.output_dim, head.num_layers"):
+        load_encoder(tmp_path)
+    (tmp_path / "encoder.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_encoder(tmp_path)
