@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -298,11 +299,8 @@ def _run_tasks(tasks: Iterator[tuple], workers: int, total: int, progress: bool 
             for t in tasks:
                 collect(_write_shard(t))
             return results
-        # forkserver: workers fork from a clean server that imported webdataset (and torch) once, so they
-        # start fast and inherit no threads or Ray state; at most 2 tasks per worker in flight bounds memory
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pretrain.shards", "webdataset", "PIL.Image"])
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        # at most 2 tasks per worker in flight: bounded memory whatever the size of the source
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
             pending: set[cf.Future] = set()
             for t in tasks:
                 pending.add(pool.submit(_write_shard, t))
@@ -315,6 +313,19 @@ def _run_tasks(tasks: Iterator[tuple], workers: int, total: int, progress: bool 
         return results
     finally:
         bar.close()
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork while this process runs no other threads: workers start at once and, unlike spawn/forkserver,
+    never re-import a `__main__` script (which breaks callers without an `if __name__ == "__main__"` guard).
+    With threads (Ray, a W&B run) a fork could inherit a held lock, so then forkserver, importing once."""
+    # tqdm's monitor only sleeps on an Event: it holds no lock a child could need
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and type(t).__name__ != "TMonitor"]
+    if "fork" in multiprocessing.get_all_start_methods() and not others:
+        return multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pretrain.shards", "webdataset", "PIL.Image"])
+    return ctx
 
 
 # ----------------------------------------------------------- the workers

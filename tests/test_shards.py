@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -196,11 +197,23 @@ def test_parallel_workers_write_the_same_shards(tmp_path, monkeypatch):
     raw = tmp_path / "raw"
     write_image_folder(raw, layout="split", classes=("a", "b"), per_class=6, n_unlabeled=5)
     one = write_shards("folder", tmp_path / "one", input_dir=raw, shard_size=3, workers=1)
+    assert shards._pool_context().get_start_method() == "fork"
     two = write_shards("folder", tmp_path / "two", input_dir=raw, shard_size=3, workers=2)
-    assert one["splits"] == two["splits"] and one["mean"] == two["mean"]
+    # another thread alive (as under Ray or W&B): the pool must not fork this process, but still work
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait)
+    busy.start()
+    try:
+        assert shards._pool_context().get_start_method() == "forkserver"
+        three = write_shards("folder", tmp_path / "three", input_dir=raw, shard_size=3, workers=2)
+    finally:
+        stop.set()
+        busy.join()
     assert len(one["splits"]["train"]["shards"]) == 4
-    for rel in one["splits"]["train"]["shards"]:
-        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes()
+    for other, name in ((two, "two"), (three, "three")):
+        assert one["splits"] == other["splits"] and one["mean"] == other["mean"]
+        for rel in one["splits"]["train"]["shards"]:  # byte-identical, whoever wrote them
+            assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / name / rel).read_bytes()
 
 
 def test_labeled_subsets_are_balanced_and_seeded():
