@@ -126,9 +126,7 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
                 text = f.read().decode("utf-8")
         else:
             text = Path(url.removeprefix("file://")).read_text()
-    except (OSError, ValueError, Exception) as e:  # noqa: BLE001 -- every way of not finding it is one message
-        if isinstance(e, UserError):
-            raise
+    except Exception:  # noqa: BLE001 -- missing file, bad URL, network error: one message, one fix
         raise UserError(f"shards not found at {shards_dir}: {redo}") from None
     try:
         m = json.loads(text)
