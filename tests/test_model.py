@@ -151,6 +151,9 @@ def test_load_encoder_missing_pieces_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="head.safetensors are missing"):
         load_encoder(tmp_path, with_head=True)
     load_encoder(tmp_path)  # the backbone alone is still fine
+    (tmp_path / "encoder.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="encoder.safetensors are unreadable"):
+        load_encoder(tmp_path)
     (tmp_path / "encoder.json").unlink()
     with pytest.raises(UserError) as e:
         load_encoder(tmp_path)
