@@ -70,15 +70,18 @@ def parse_fractions(values: str | Sequence[float | str]) -> list[tuple[str, floa
 
 def draw_labeled_subset(keys: Sequence[str], labels: Sequence[int], fraction: float, seed: int) -> list[str]:
     """A class-balanced, seeded subset of the labeled keys: ceil(fraction * N) keys (at least one per class),
-    spread as evenly over the classes as their sizes allow. Returned in the order of `keys`.
+    spread as evenly over the classes as their sizes allow. Returned sorted.
 
     The one place subsets are drawn: `selfsup shard` stores some, fine-tuning draws other seeds with it.
+    The draw depends on the set of (key, label) pairs only, not on the order they are passed in.
     """
     if not 0 < fraction <= 1:
         raise UserError(f"labeled fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(keys):
         raise ValueError(f"{len(keys)} keys but {len(labels)} labels")
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    keys = [keys[i] for i in order]
+    labels = np.asarray([labels[i] for i in order], dtype=np.int64)
     classes = np.unique(labels[labels >= 0])
     n = int((labels >= 0).sum())
     if n == 0:

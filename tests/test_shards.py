@@ -222,6 +222,8 @@ def test_labeled_subsets_are_balanced_and_seeded():
     a = draw_labeled_subset(keys, labels, 0.1, seed=0)
     assert len(a) == 100
     assert a == draw_labeled_subset(keys, labels, 0.1, seed=0)
+    shuffled = np.random.default_rng(5).permutation(len(keys))  # same pairs, another order: same subset
+    assert a == draw_labeled_subset([keys[i] for i in shuffled], [labels[i] for i in shuffled], 0.1, seed=0)
     assert a != draw_labeled_subset(keys, labels, 0.1, seed=1)
     assert sorted(Counter(labels[keys.index(k)] for k in a).values()) == [10, 30, 30, 30]  # class 3 has only 10
     tiny = draw_labeled_subset(keys, labels, 0.001, seed=0)  # 1 key by the fraction, but >= 1 per class
