@@ -127,7 +127,7 @@ def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return {"steps": steps, "final_loss": float(loss)}
+    return {"steps": steps, "final_loss": float(loss.detach())}
 
 
 @torch.no_grad()

@@ -102,7 +102,7 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)  # a copy: torch wants a writable array
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))
 

@@ -178,9 +178,14 @@ def _budget(ft, fraction: float) -> dict[str, Any]:
             "lr": ft.lr, "weight_decay": ft.weight_decay}
 
 
+def unlabeled_splits(manifest: dict) -> tuple[str, ...]:
+    """The splits semi-supervised training reads without labels: train + unlabeled, never test."""
+    return tuple(s for s in ("train", "unlabeled") if manifest["splits"].get(s, {}).get("count", 0) > 0)
+
+
 def _unlabeled(cfg: Config, manifest: dict, seed: int) -> ShardLoader:
-    """The unlabeled stream: train + unlabeled splits, labels ignored (the test split never)."""
-    splits = tuple(s for s in ("train", "unlabeled") if manifest["splits"].get(s, {}).get("count", 0) > 0)
+    """The unlabeled stream (labels ignored)."""
+    splits = unlabeled_splits(manifest)
     total = sum(manifest["splits"][s]["count"] for s in splits)
     batch = max(1, min(cfg.finetune.batch_size * cfg.finetune.unlabeled_ratio, total))
     return ShardLoader(cfg.data.shards, splits=splits, batch_size=batch, seed=seed, shuffle=True,

@@ -1,0 +1,227 @@
+"""selfsup finetune / predict on real digits shards and a tiny (random) encoder saved like pretraining does.
+
+One module-scoped fine-tuning run (tiny budget) feeds the report, plot, classifier and predict tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.cli import main as selfsup
+from finetune.run import unlabeled_splits
+from finetune.subsets import check_disjoint, labeled_subset
+from pretrain.config import METHODS, Config
+from pretrain.errors import UserError
+from pretrain.model import build_model, encoder_meta, save_encoder
+from pretrain.reader import load_split
+from pretrain.shards import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"channels": [8, 16, 32, 64]}
+
+
+def _encoder(out: Path, manifest: dict, in_chans: int | None = None, image_size: int | None = None) -> Path:
+    cfg = Config()
+    cfg.model.timm_kwargs = dict(TINY)
+    cfg.model.proj_hidden_dim, cfg.model.proj_output_dim = 32, 16
+    m = dict(manifest)
+    if in_chans is not None:
+        m["channels"] = in_chans
+    if image_size is not None:
+        m["image_size"] = image_size
+    torch.manual_seed(0)
+    model = build_model(cfg.model, int(m["channels"]))
+    save_encoder(out, model, encoder_meta(cfg, m, model, epochs=0, knn_acc=None))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    shards = root / "shards"
+    manifest = write_shards("digits", shards, labeled_fractions=(0.01, 0.1), seed=0, workers=1)
+    enc = _encoder(root / "enc", manifest)
+    return {"root": root, "shards": shards, "manifest": manifest, "encoder": enc}
+
+
+@pytest.fixture(scope="module")
+def run(data):
+    """A whole fine-tuning run on a tiny budget (~30 s of CPU; over a minute when the machine is busy)."""
+    out = data["root"] / "out"
+    torch.set_num_threads(1)
+    rc = selfsup(["finetune", f"output_dir={out}", f"encoder={data['encoder']}", f"data.shards={data['shards']}",
+                  "finetune.seeds=2", "finetune.epochs=2", "finetune.full_epochs=1", "finetune.semi_epochs=1",
+                  "finetune.full_fraction_methods=[linear,scratch]", "trainer.torch_threads=1"])
+    assert rc == 0
+    return out
+
+
+def _train_split(data):
+    _, labels, keys = load_split(str(data["shards"]), "train")
+    return keys, labels.tolist()
+
+
+# ------------------------------------------------------------------ subsets
+
+
+def test_subsets_differ_by_seed_are_balanced_and_never_hold_test_keys(data):
+    manifest, shards = data["manifest"], str(data["shards"])
+    keys, labels = _train_split(data)
+    label_of = dict(zip(keys, labels))
+    _, _, test_keys = load_split(shards, "test")
+    for fraction in (0.01, 0.1):
+        subsets = [labeled_subset(shards, manifest, fraction, s, keys, labels) for s in range(3)]
+        assert len({tuple(s) for s in subsets}) == 3, "each seed draws its own subset"
+        for sub in subsets:
+            counts = Counter(label_of[k] for k in sub)
+            assert set(counts) == set(range(10)), "every class is present"
+            assert max(counts.values()) - min(counts.values()) <= 1, counts
+            assert not set(sub) & set(test_keys)
+            check_disjoint(sub, test_keys)
+        stored = manifest["labeled_subsets"][str(fraction)]
+        assert subsets[0] == (Path(shards) / stored["keys"]).read_text().split(), "seed 0 is the stored subset"
+    assert len(labeled_subset(shards, manifest, 1.0, 0, keys, labels)) == len(keys)
+    with pytest.raises(UserError, match="also test keys"):
+        check_disjoint([keys[0], test_keys[3]], test_keys)
+
+
+def test_unlabeled_stream_never_reads_the_test_split(data):
+    splits = unlabeled_splits(data["manifest"])
+    assert "test" not in splits and "train" in splits
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    rc = selfsup(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err, err
+    return err
+
+
+def test_wrong_encoders_and_methods_are_refused_in_one_line(data, tmp_path, capsys):
+    base = ["finetune", f"output_dir={tmp_path / 'o'}", f"data.shards={data['shards']}"]
+    rgb = _encoder(tmp_path / "rgb", data["manifest"], in_chans=3)
+    assert "3-channel" in _refused(capsys, base + [f"encoder={rgb}"])
+    big = _encoder(tmp_path / "big", data["manifest"], image_size=32)
+    assert "32 px" in _refused(capsys, base + [f"encoder={big}"])
+    # encoder.json naming another architecture than the weights were saved from
+    arch = _encoder(tmp_path / "arch", data["manifest"])
+    meta = json.loads((arch / "encoder.json").read_text())
+    meta["timm_kwargs"] = {"channels": [16, 32, 64, 128]}
+    (arch / "encoder.json").write_text(json.dumps(meta))
+    assert "do not match" in _refused(capsys, base + [f"encoder={arch}"])
+    assert "not found" in _refused(capsys, base + [f"encoder={tmp_path / 'nowhere'}"])
+    (tmp_path / "empty").mkdir()
+    assert "encoder.json" in _refused(capsys, base + [f"encoder={tmp_path / 'empty'}"])
+    assert "unknown method" in _refused(capsys, base + [f"encoder={data['encoder']}", "finetune.methods=[pixels,magic]"])
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_the_real_command_refuses_a_wrong_encoder_without_traceback(data, tmp_path):
+    rgb = _encoder(tmp_path / "rgb", data["manifest"], in_chans=3)
+    p = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={tmp_path / 'o'}",
+                        f"data.shards={data['shards']}", f"encoder={rgb}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------ the run and its report
+
+
+@pytest.mark.slow
+def test_report_rows_are_complete_and_accuracies_are_fractions(run):
+    report = json.loads((run / "report.json").read_text())
+    assert report["dataset"] == "digits" and report["encoder"]
+    got = {(r["method"], r["label_fraction"]) for r in report["results"]}
+    want = {(m, f) for m in METHODS for f in (0.01, 0.1)} | {("linear", 1.0), ("scratch", 1.0)}
+    assert got == want
+    for r in report["results"]:
+        assert set(r) >= {"method", "label_fraction", "labels", "accuracy_mean", "accuracy_std", "seeds", "accuracies"}
+        assert r["seeds"] == len(r["accuracies"]) == (1 if r["label_fraction"] == 1.0 else 2)
+        assert all(0.0 <= a <= 1.0 for a in r["accuracies"])
+        assert r["accuracy_mean"] == pytest.approx(sum(r["accuracies"]) / len(r["accuracies"]))
+        assert r["labels"] == {0.01: 15, 0.1: 144, 1.0: 1437}[r["label_fraction"]]
+    assert report["semi_method"] == "fixmatch"
+    md = (run / "report.md").read_text()
+    assert "| method |" in md and "15 labels" in md and "144 labels" in md
+    for m in METHODS:
+        assert f"| {m} |" in md
+    assert (run / "finetune.config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_plot_is_a_valid_png(run):
+    from PIL import Image
+
+    path = run / "label_efficiency.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+
+
+@pytest.mark.slow
+def test_wandb_run_holds_the_table_and_the_plot(run):
+    from pretrain.tracking import read_run_history
+
+    run_dirs = sorted((run / "wandb").glob("offline-run-*"))
+    assert run_dirs, "an offline W&B run"
+    logged = {}
+    for item in read_run_history(run_dirs[-1]):
+        logged.update(item)
+    assert logged.get("label_efficiency._type") == "image-file"
+    assert logged.get("label_efficiency_table._type") == "table-file"
+    assert 0.0 <= logged["finetune/acc@0.1"] <= 1.0
+
+
+@pytest.mark.slow
+def test_predict_gives_the_label_the_evaluation_counted(run, data, tmp_path, capsys):
+    classifiers = sorted((run / "classifiers").iterdir())
+    assert {c.name.rsplit("-", 1)[1] for c in classifiers} == {"0.01", "0.1"}
+    model = classifiers[-1]
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["preprocessing"]["image_size"] == 16
+    with open(model / "predictions.csv") as f:
+        evaluated = {r["key"]: r["predicted_name"] for r in csv.DictReader(f)}
+    # the first test images, exactly as stored in the shards
+    shard = data["shards"] / data["manifest"]["splits"]["test"]["shards"][0]
+    paths = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".png") and len(paths) < 5:
+                key = member.name[: -len(".png")]
+                paths[key] = tmp_path / f"{key}.png"
+                paths[key].write_bytes(tar.extractfile(member).read())
+    capsys.readouterr()
+    assert selfsup(["predict", str(model), *map(str, paths.values())]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(paths)
+    for line, (key, path) in zip(lines, paths.items()):
+        shown_path, name = line.split("\t")
+        assert shown_path == str(path)
+        assert name == evaluated[key], f"{key}: predict says {name}, the evaluation counted {evaluated[key]}"
+
+
+@pytest.mark.slow
+def test_predict_refuses_a_missing_model_and_unreadable_image(run, tmp_path, capsys):
+    assert "classifier not found" in _refused(capsys, ["predict", str(tmp_path / "none"), "x.png"])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    model = sorted((run / "classifiers").iterdir())[0]
+    assert "cannot read image" in _refused(capsys, ["predict", str(model), str(bad)])
