@@ -178,13 +178,14 @@ def write_shards(
         raise UserError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    out = _prepare_out_dir(out_dir)
+    out = _check_out_dir(out_dir)
     done = _finished(out, source)
     if done is not None:
         return done
 
-    src = open_source(source, input_dir, test_fraction)
+    src = open_source(source, input_dir, test_fraction)  # bad input fails here, before DIR is created
     size = image_size if image_size is not None else src.default_image_size
+    _make_out_dir(out)
     _clean_half_written(out)
     _inside(out, MARKER).write_text(f"selfsup shard {source} (pid {os.getpid()}) is writing here\n")
 
@@ -201,20 +202,24 @@ def write_shards(
 # ------------------------------------------------------------- the output
 
 
-def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+def _check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """The resolved output dir: every path written is checked to lie inside it (see `_inside`)."""
     text = str(out_dir)
     if "://" in text or text.startswith("pipe:"):
         raise UserError(f"--out must be a local directory, got {text}: write locally, then copy the dir")
     out = Path(text).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file: choose a directory path")
+    return out.resolve()
+
+
+def _make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create --out {out}: {e.strerror}") from None
+        raise UserError(f"cannot create --out {out}: {e.strerror or e}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"--out {out} is not writable: choose another directory")
-    return out.resolve()
 
 
 def _inside(out: Path, rel: str) -> Path:

@@ -73,6 +73,8 @@ def write_stl10(dir: str | Path, n_train: int = 20, n_test: int = 10, n_unlabele
     rng = np.random.default_rng(seed)
     first = None
     for name, n in (("train", n_train), ("test", n_test), ("unlabeled", n_unlabeled)):
+        if name == "unlabeled" and n == 0:
+            continue  # unlabeled_X.bin is optional
         hwc = _pixels(rng, n, 96, 96, 3)
         if first is None:
             first = hwc[0].copy()

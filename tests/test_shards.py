@@ -282,6 +282,14 @@ def test_never_writes_through_symlinks_outside_the_dir(tmp_path):
     assert sorted(p.name for p in outside.iterdir()) == ["victim.tar"]
 
 
+class _Evil:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
 def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "empty").mkdir()
     (tmp / "empty" / "cat").mkdir()
@@ -290,6 +298,14 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "cifar" / "readme.txt").write_text("no batches")
     (tmp / "afile").write_text("x")
     (tmp / "stl").mkdir()
+    write_cifar10(tmp / "badpickle", n_train=5, n_test=2)
+    (tmp / "badpickle" / "data_batch_3").write_bytes(b"\x80\x02garbage")
+    write_cifar10(tmp / "evil", n_train=5, n_test=2)
+    with open(tmp / "evil" / "test_batch", "wb") as f:  # a pickle that would run code when loaded
+        pickle.dump(_Evil(str(tmp / "pwned")), f, protocol=2)
+    write_stl10(tmp / "badstl", n_train=2, n_test=2, n_unlabeled=0)
+    with open(tmp / "badstl" / "test_X.bin", "ab") as f:
+        f.write(b"xyz")
     out = str(tmp / "out")
     return [
         (["folder", "--input", str(tmp / "missing"), "--out", out], "input dir not found"),
@@ -304,6 +320,13 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["digits", "--out", out, "--labeled-fractions", "0.1,1.5"], "must be in (0, 1]"),
         (["digits", "--out", out, "--labeled-fractions", "ten"], "not a number"),
         (["digits", "--out", out, "--shard-size", "0"], "--shard-size"),
+        (["digits", "--out", out, "--image-size", "4"], "--image-size"),
+        (["folder", "--input", str(tmp / "empty"), "--out", out, "--test-fraction", "1.5"], "--test-fraction"),
+        (["digits", "--out", out, "--workers", "0"], "--workers"),
+        (["digits", "--out", str(tmp / "afile" / "sub")], "cannot create --out"),
+        (["cifar10", "--input", str(tmp / "badpickle"), "--out", out], "not a readable CIFAR batch"),
+        (["cifar10", "--input", str(tmp / "evil"), "--out", out], "refusing to load posix.mkdir"),
+        (["stl10", "--input", str(tmp / "badstl"), "--out", out], "not a multiple of 96*96*3"),
     ]
 
 
@@ -313,7 +336,8 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code != 0, argv
         assert err.count("\n") == 1 and needle in err and "Traceback" not in err, (argv, err)
-    assert not (tmp_path / "out" / MANIFEST).exists()
+    assert not (tmp_path / "out").exists(), "bad input must not leave an output dir behind"
+    assert not (tmp_path / "pwned").exists(), "a CIFAR pickle must never run code"
 
 
 def test_console_script_reports_one_line(tmp_path):
