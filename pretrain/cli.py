@@ -66,7 +66,59 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
 
 
 def pretrain_main(args: argparse.Namespace) -> int:
-    raise UserError("`selfsup pretrain` is not built yet")
+    """Train SimCLR (Ray Train, or in-process with --local); `--resume RUN_DIR` continues a run."""
+    from pathlib import Path
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.config import load_config, save_config
+    from pretrain.launch import run_path, run_training
+    from pretrain.loop import arch_of, per_rank_batch, train_loop
+    from pretrain.shards import read_manifest
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not run_dir.is_dir():
+            raise UserError(f"--resume {run_dir}: no such run directory; pass the output_dir of an earlier run")
+        base = args.config or run_dir / "config.yaml"
+        if not Path(base).is_file():
+            raise UserError(f"--resume {run_dir}: it has no config.yaml; pass --config with the run's config")
+        cfg = load_config(base, [*args.overrides, f"output_dir={run_dir}"])
+    else:
+        cfg = load_args_config(args)
+    # absolute paths: Ray workers run in their own working directories
+    out = Path(cfg.output_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file: choose a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output_dir {out}: {e.strerror}; choose a writable directory") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"output_dir {out} is not writable: choose a writable directory")
+    cfg.output_dir = str(out)
+    if "://" not in cfg.data.shards:
+        cfg.data.shards = str(Path(cfg.data.shards).resolve())
+
+    manifest = read_manifest(cfg.data.shards)
+    local = args.local or cfg.trainer.num_workers == 0
+    per_rank_batch(cfg.pretrain.batch_size, 1 if local else cfg.trainer.num_workers, manifest, cfg.data.shards)
+    latest = ckpt.find_latest(run_path(cfg, cfg.name))
+    if latest and not args.resume:
+        raise UserError(f"{out} already holds a run (latest checkpoint {latest}): add --resume {out} to "
+                        "continue it, or choose another output_dir")
+    if args.resume:
+        if latest is None:
+            raise UserError(f"--resume {out}: no complete checkpoint under {run_path(cfg, cfg.name)}; "
+                            "run without --resume to start anew")
+        ckpt.check_arch(ckpt.read_meta(latest).get("arch", {}), arch_of(cfg, manifest), latest)
+    save_config(cfg, out / "config.yaml")
+
+    result = run_training(train_loop, {"cfg": cfg}, cfg, local=local, name=cfg.name,
+                          resume_from=latest if args.resume else None)
+    if not result or result.get("status") != "ok":
+        raise UserError((result or {}).get("message", "pretraining stopped without a result"))
+    print(f"pretrained {cfg.pretrain.epochs} epochs: encoder in {out} (knn_acc={result.get('knn_acc')})")
+    return 0
 
 
 # ------------------------------------------------------------------ bench

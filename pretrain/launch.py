@@ -72,7 +72,7 @@ class LocalSession:
     def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # None: off without a tty
 
     def barrier(self) -> None:
         pass
@@ -238,10 +238,17 @@ def init_ray(cfg: Any) -> bool:
     per_worker = float(t.resources_per_worker.get("CPU", 1))
     num_cpus = max(1, int(round(per_worker * t.num_workers)))
     num_gpus = int(round(float(t.resources_per_worker.get("GPU", 1)) * t.num_workers)) if t.use_gpu else 0
+    # Ray >= 2.5x turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset (and
+    # makes a token in ~/.ray/auth_token); setting the variable ourselves would skip its config refresh.
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
         print(f"warning: RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: the local Ray cluster runs without "
               "token authentication")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray resolves 127.0.0.1 to the machine's outward address unless it is in single-machine mode; this
+    # switch (read by every Ray process it starts) keeps the GCS, raylet and dashboard on the loopback.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=free_port(), _node_ip_address="127.0.0.1",
              log_to_driver=True)
