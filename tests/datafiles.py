@@ -24,8 +24,9 @@ def _pixels(rng: np.random.Generator, n: int, *shape: int) -> np.ndarray:
 
 
 def _pickle(path: Path, obj: dict) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
+    # protocol 2 and numpy 1's module name, as in the official files (pickled by Python 2 / numpy 1)
+    data = pickle.dumps(obj, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    path.write_bytes(data)
 
 
 def write_cifar10(dir: str | Path, n_train: int = 20, n_test: int = 10, seed: int = 0) -> dict:

@@ -256,6 +256,10 @@ def test_rerun_is_a_no_op_and_a_crash_is_redone(tmp_path, capsys):
     with pytest.raises(UserError, match="incomplete"):
         read_manifest(out)
     assert write_shards("cifar10", out, input_dir=raw, shard_size=8, workers=1) == m  # redone again
+    other = write_shards("cifar10", tmp_path / "seed1", input_dir=raw, shard_size=8, seed=1, workers=1)
+    assert other["labeled_subsets"]["0.1"]["keys"] == "subsets/labeled-0.1-seed1.txt"
+    assert (tmp_path / "seed1" / "subsets/labeled-0.1-seed1.txt").read_text() != \
+        (out / "subsets/labeled-0.1-seed0.txt").read_text()
     with pytest.raises(UserError, match="already holds complete cifar10"):
         write_shards("digits", out, workers=1)
 
