@@ -36,7 +36,8 @@ MARKER = ".shard-incomplete"  # present while a run writes; a crash leaves it be
 MIN_SIDE = 8  # images with a shorter side below this are refused (nothing to crop from)
 MAX_SKIPPED_LISTED = 100
 PARALLEL_MIN_IMAGES = 4096  # below this, shards are written in this process (a pool takes seconds to start)
-_OURS = re.compile(r"^\.?(train|test|unlabeled)-\d{6}\.tar(\.tmp)?$")
+# our file names: shards, their temp names, and atomic_write_text's temp names of the manifest
+_OURS = re.compile(r"^(\.?(train|test|unlabeled)-\d{6}\.tar(\.tmp)?|\.manifest\.json\..*\.tmp)$")
 # encoded formats kept as they are in folders; anything else is re-encoded as PNG
 _FOLDER_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _MTIME = 946684800.0  # a fixed member time (2000-01-01): the same inputs give byte-identical shards
@@ -231,14 +232,11 @@ def _inside(out: Path, rel: str) -> Path:
 
 
 def _finished(out: Path, source: str) -> dict[str, Any] | None:
-    path = out / MANIFEST
-    if not path.is_file():
+    if not (out / MANIFEST).is_file():
         return None
     try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(m, dict) or m.get("complete") is not True:
+        m = read_manifest(out)
+    except UserError:  # unreadable, incomplete or invalid: a half-written dir, redone
         return None
     if m.get("source") != source:
         raise UserError(f"{out} already holds complete {m.get('source')} shards, not {source}: "
@@ -253,8 +251,8 @@ def _clean_half_written(out: Path) -> None:
     ours = [p for p in out.iterdir() if _OURS.match(p.name)]
     subsets = out / "subsets"
     if subsets.is_dir() and not subsets.is_symlink():
-        ours += [p for p in subsets.iterdir() if re.match(r"^\.?labeled-.*\.txt(\.tmp)?$", p.name)]
-    stale = [p for p in (out / MARKER, out / MANIFEST) if p.is_file()]
+        ours += [p for p in subsets.iterdir() if re.match(r"^\.?labeled-.*\.txt(\..*\.tmp)?$", p.name)]
+    stale = [p for p in (out / MARKER, out / MANIFEST) if p.is_file() or p.is_symlink()]
     if ours or stale:
         print(f"found a half-written shard dir at {out} (no complete manifest): redoing it", file=sys.stderr)
     for p in ours + stale:
