@@ -70,15 +70,14 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                         f"`ray start --head` or pass --address / $RAY_ADDRESS") from None
 
 
-def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
+def auth_headers() -> dict[str, str]:
     """The token header, found the way Ray's own CLI finds it.
 
     Ray's loader reads $RAY_AUTH_TOKEN, then $RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token. `ray job submit`
     sends it only with RAY_AUTH_MODE=token; we send it whenever a token exists (as `ray start` enables auth
     whenever a token exists), unless RAY_AUTH_MODE=disabled says not to.
     """
-    env = os.environ if env is None else env
-    if env.get("RAY_AUTH_MODE", "").lower() == "disabled":
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
     from ray._raylet import AuthenticationTokenLoader
 

@@ -112,12 +112,12 @@ def _selfsup(args: list[str], env: dict[str, str], timeout: float = 600) -> subp
                           text=True, timeout=timeout)
 
 
-def _pipeline_args(tmp: Path) -> list[str]:
-    """The digits pipeline with a tiny budget, every path absolute under tmp."""
+def _pipeline_args(tmp: Path, workers: int = 1) -> list[str]:
+    """The digits pipeline with a tiny budget, every path absolute under tmp (workers=0: no Ray Train)."""
     return ["pipeline", "--config", "configs/digits.yaml", f"output_dir={tmp / 'run'}",
             f"data.shards={tmp / 'shards'}", "data.labeled_fractions=[0.1]", "pretrain.epochs=1",
             "pretrain.batch_size=128", "pretrain.knn_every=0", "model.timm_kwargs={channels: [8, 16, 32, 64]}",
-            "model.proj_hidden_dim=64", "model.proj_output_dim=32", "trainer.num_workers=1",
+            "model.proj_hidden_dim=64", "model.proj_output_dim=32", f"trainer.num_workers={workers}",
             "trainer.torch_threads=1", f"trainer.storage_path=file://{tmp / 'ckpt'}",
             "finetune.seeds=1", "finetune.methods=[pixels,scratch,linear]",
             "finetune.full_fraction_methods=[pixels]", "finetune.epochs=2"]
@@ -165,39 +165,46 @@ def test_auth_is_on(head):
 
 
 @pytest.mark.slow
-def test_selfsup_submit_runs_the_pipeline(head, tmp_path):
-    r = _selfsup(["submit", "--address", head["address"], "--wait", "--no-requirements", "--",
-                  *_pipeline_args(tmp_path)], env=_client_env(head, WANDB_API_KEY=SECRET))
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
-    assert "job id:" in out and "SUCCEEDED" in out
-    assert "runtime_env:" in out and SECRET not in out  # the key travels, masked in every printout
-    assert "pipeline done" in out  # the job's own output was streamed
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert {r["method"] for r in report["results"]} >= {"pixels", "scratch", "linear"}
-    # the W&B key was passed to the job but never written into what it produced
-    for f in tmp_path.rglob("*"):
-        if f.is_file() and f.stat().st_size < 5_000_000:
-            assert SECRET.encode() not in f.read_bytes(), f
-
-
-@pytest.mark.slow
-def test_ray_job_submit_cli_runs_the_pipeline(head, tmp_path):
+def test_pipeline_as_a_job_with_selfsup_and_with_rays_cli(head, tmp_path):
+    """The digits pipeline submitted twice at once: by Ray's own `ray job submit`, and by `selfsup submit`
+    (whose pretraining runs Ray Train inside the job, on the same cluster, through its token auth)."""
     from ray.job_submission import JobSubmissionClient
 
+    ray_tmp, ours_tmp = tmp_path / "ray-cli", tmp_path / "selfsup"
     job_id = f"selfsup-test-{uuid.uuid4().hex[:8]}"
     runtime_env = {"working_dir": str(ROOT), "excludes": submit.EXCLUDES,
                    "env_vars": {"WANDB_MODE": "offline", "RAY_USAGE_STATS_ENABLED": "0"}}
     env = {**_client_env(head), "RAY_AUTH_MODE": "token"}  # Ray's CLI sends the token only in token mode
-    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head["address"],
-                        "--submission-id", job_id, "--runtime-env-json", json.dumps(runtime_env), "--",
-                        "python", "-m", "cluster", *_pipeline_args(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    client = JobSubmissionClient(head["address"], headers=submit.auth_headers(_client_env(head)))
+    ray_cli = subprocess.Popen([str(BIN / "ray"), "job", "submit", "--address", head["address"],
+                                "--submission-id", job_id, "--runtime-env-json", json.dumps(runtime_env), "--",
+                                "python", "-m", "cluster", *_pipeline_args(ray_tmp, workers=0)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        r = _selfsup(["submit", "--address", head["address"], "--wait", "--no-requirements", "--",
+                      *_pipeline_args(ours_tmp)], env=_client_env(head, WANDB_API_KEY=SECRET))
+        ray_out, _ = ray_cli.communicate(timeout=600)
+    finally:
+        if ray_cli.poll() is None:
+            ray_cli.kill()
+
+    # selfsup submit: job id, masked runtime env, the job's own output streamed, exit 0 for SUCCEEDED
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "job id:" in out and "SUCCEEDED" in out
+    assert "runtime_env:" in out and "'WANDB_API_KEY': '***'" in out and SECRET not in out
+    assert "pipeline done" in out and "headline at" in out
+    report = json.loads((ours_tmp / "run" / "report.json").read_text())
+    assert {r["method"] for r in report["results"]} >= {"pixels", "scratch", "linear"}
+    # the W&B key was passed to the job, but nothing the run wrote holds it
+    for f in ours_tmp.rglob("*"):
+        if f.is_file() and f.stat().st_size < 5_000_000:
+            assert SECRET.encode() not in f.read_bytes(), f
+
+    # Ray's CLI: the same pipeline, checked through the job API and through `selfsup submit --status/--logs`
+    assert ray_cli.returncode == 0, ray_out[-4000:]
+    client = JobSubmissionClient(head["address"], headers={"authorization": f"Bearer {head['token'].read_text()}"})
     assert str(client.get_job_status(job_id).value) == "SUCCEEDED"
-    assert (tmp_path / "run" / "report.json").is_file()
-    # and the rest of a job's life through selfsup
+    assert (ray_tmp / "run" / "report.json").is_file()
     st = _selfsup(["submit", "--address", head["address"], "--status", job_id], env=_client_env(head))
     assert st.returncode == 0 and "SUCCEEDED" in st.stdout
     logs = _selfsup(["submit", "--address", head["address"], "--logs", job_id], env=_client_env(head))
@@ -205,16 +212,20 @@ def test_ray_job_submit_cli_runs_the_pipeline(head, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
-def test_failing_job_exits_nonzero_with_its_last_lines(head, tmp_path, stage):
+def test_failing_jobs_exit_nonzero_with_their_last_lines(head, tmp_path):
+    """Missing shards for `-- finetune` and for `-- pretrain` (submitted at once): non-zero, the job's error."""
     missing = tmp_path / "no-shards"
-    r = _selfsup(["submit", "--address", head["address"], "--no-requirements", "--", stage,
-                  f"data.shards={missing}", f"output_dir={tmp_path / 'out'}", "trainer.num_workers=1"],
-                 env=_client_env(head), timeout=300)
-    assert r.returncode != 0
-    assert "FAILED" in r.stderr and "last lines" in r.stderr
-    assert str(missing) in r.stderr  # the stage's own one-line error, relayed from the job
-    assert "Traceback" not in r.stderr
+    procs = {stage: subprocess.Popen(
+        [sys.executable, "-m", "cluster", "submit", "--address", head["address"], "--no-requirements", "--",
+         stage, f"data.shards={missing}", f"output_dir={tmp_path / stage}", "trainer.num_workers=1"],
+        cwd=ROOT, env=_client_env(head), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for stage in ("finetune", "pretrain")}
+    for stage, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode != 0, stage
+        assert "FAILED" in err and "last lines" in err, err
+        assert f"shards not found at {missing}" in err, err  # the stage's own one-line error, relayed
+        assert "Traceback" not in err
 
 
 @pytest.mark.slow
