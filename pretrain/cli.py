@@ -125,8 +125,23 @@ def pretrain_main(args: argparse.Namespace) -> int:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    pass
+    add_config_args(p)
+    p.add_argument("--backbone", default=None, help="timm model name (default: resnet18, full width)")
+    p.add_argument("--image-size", type=int, default=None, help="crop size (default: 32, or the shards' size)")
+    p.add_argument("--batch", type=int, default=256, help="global batch of source images (two views each)")
+    p.add_argument("--parts", default="loader,decode,model,end_to_end,ray,scaling",
+                   help="comma list of sections to run")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (the median is reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--shards", default=None, help="shards dir to read (default: write CIFAR-like shards to a temp dir)")
+    p.add_argument("--images", type=int, default=6144, help="images in the generated shards")
+    p.add_argument("--loader-workers", default="0,2", help="loader worker counts to compare, comma list")
+    p.add_argument("--loader-batches", type=int, default=4, help="batches per timed loader repeat")
+    p.add_argument("--decode-images", type=int, default=1000, help="images per timed decode repeat")
+    p.add_argument("--out", default="bench.json", help="where to write the figures (default ./bench.json)")
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    raise UserError("`selfsup bench` is not built yet")
+    from pretrain.bench import main
+
+    return main(args)

@@ -1,0 +1,610 @@
+"""`selfsup bench`: our input pipeline and the model, measured side by side on the same shards.
+
+Sections (choose with --parts; each one measures one thing):
+- `loader`:     two-view batches per second from shards: ours (ShardLoader + BatchAugment on whole uint8
+                batches) against the usual `DataLoader` + lightly's `SimCLRTransform` on PIL images, with the
+                same augmentation probabilities, at each loader worker count (default 0 and 2);
+- `decode`:     per-core decode rate of the same encoded images: our reader's decoder against PIL;
+- `model`:      one SimCLR training step (two views, forward, NT-Xent, backward, optimiser) on tensors already
+                in memory: the model's own speed, the ceiling;
+- `end_to_end`: the same step fed by the real loader, in-process (`--local`); `pipeline_efficiency` =
+                end-to-end / model-only (1.0 = data loading fully hidden);
+- `ray`:        the same steps under Ray Train with one worker against in-process, and launch-to-first-step;
+- `scaling`:    1 against 2 Ray Train workers at the same global batch.
+Every figure is the median of `repeats` timed runs after a warm-up, with torch's thread count fixed and
+written into the output. On a GPU the same code measures there: augmentation on the device, bf16
+autocast and channels_last (as the training loop does).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.errors import UserError
+
+PARTS = ("loader", "decode", "model", "end_to_end", "ray", "scaling")
+# Without --config the bench measures the issue's reference setting: CIFAR-like 32 px shards, ResNet-18 at
+# full width with the small stem, the `small` (CIFAR) augmentation preset.
+BENCH_DEFAULTS = ["model.name=resnet18", "model.timm_kwargs={}", "model.stem=small", "augment.preset=small",
+                  "data.image_size=32", "data.loader_workers=0"]
+
+
+# ------------------------------------------------------------------ harness
+
+
+def median(runs: list[float]) -> float:
+    return float(statistics.median(runs))
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds per call of `fn`, `repeats` times, after `warmup` untimed calls (allocator, caches, workers)."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return runs
+
+
+def sync(device: torch.device) -> None:
+    # CUDA is asynchronous: without this a timer measures kernel launches, not work
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Bench:
+    """Everything a section needs: the resolved config, the shards, and how to measure."""
+
+    cfg: Any
+    shards: str
+    manifest: dict
+    image_size: int
+    batch: int
+    repeats: int
+    threads: int
+    device: torch.device
+    loader_workers: list[int] = field(default_factory=lambda: [0, 2])
+    loader_batches: int = 4  # batches per timed loader repeat
+    decode_images: int = 1000
+    warmup: int = 1
+    splits: tuple[str, ...] = ("train", "unlabeled")
+
+    @property
+    def channels(self) -> int:
+        return int(self.manifest["channels"])
+
+    @property
+    def bf16(self) -> bool:
+        p = self.cfg.pretrain.precision
+        return p == "bf16" or (p == "auto" and self.device.type == "cuda")
+
+    @property
+    def channels_last(self) -> bool:
+        cl = self.cfg.pretrain.channels_last
+        return self.device.type == "cuda" if cl is None else bool(cl)
+
+
+# ------------------------------------------------------------------ shards
+
+
+def make_bench_shards(out_dir: str | os.PathLike, count: int = 6144, image_size: int = 32, seed: int = 0) -> str:
+    """Real CIFAR-like shards: `count` PNG images (smooth colour fields plus noise, so they compress like
+    photos rather than like noise or flat colour) in 10 class folders, sharded by `selfsup shard folder`."""
+    from PIL import Image
+
+    from pretrain.shards import write_shards
+
+    out = Path(out_dir)
+    raw = out / "images"
+    rng = np.random.default_rng(seed)
+    n_test = max(10, count // 8)
+    for split, n in (("train", count - n_test), ("test", n_test)):
+        coarse = torch.from_numpy(rng.integers(0, 256, (n, 3, 4, 4)).astype(np.float32))
+        smooth = torch.nn.functional.interpolate(coarse, size=image_size, mode="bicubic", align_corners=False)
+        noise = torch.from_numpy(rng.normal(0, 10, smooth.shape).astype(np.float32))
+        images = (smooth + noise).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for i, arr in enumerate(images):
+            d = raw / split / f"c{i % 10}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(d / f"{i:06d}.png")
+    write_shards("folder", out / "shards", input_dir=raw, shard_size=512, image_size=image_size, workers=1,
+                 progress=False)
+    shutil.rmtree(raw)
+    return str(out / "shards")
+
+
+def encoded_samples(shards: str, manifest: dict, limit: int) -> list[tuple[str, bytes]]:
+    """The first `limit` (extension, encoded image) of the train split, as stored: what both decoders get."""
+    import tarfile
+
+    from pretrain.shards import shard_url
+
+    out: list[tuple[str, bytes]] = []
+    for rel in manifest["splits"]["train"]["shards"]:
+        url = shard_url(shards, rel)
+        if "://" in url or url.startswith("pipe:"):
+            raise UserError(f"the decode bench reads local shards; {url} is remote: copy the shards locally")
+        with tarfile.open(url) as tar:
+            for member in tar:
+                ext = member.name.rsplit(".", 1)[-1].lower()
+                if member.isfile() and ext in ("png", "jpg", "jpeg", "webp"):
+                    out.append((ext, tar.extractfile(member).read()))
+                    if len(out) >= limit:
+                        return out
+    if not out:
+        raise UserError(f"no images in the train split of {shards}: shard a dataset with images first")
+    return out
+
+
+# ------------------------------------------------------------------ decode
+
+
+def bench_decode(b: Bench) -> dict:
+    """Images per second per core: our reader's decoder against PIL, on the same encoded bytes."""
+    from PIL import Image
+
+    from pretrain.reader import _Decoder, _Shard
+
+    samples = encoded_samples(b.shards, b.manifest, b.decode_images)
+    mode = "L" if b.channels == 1 else "RGB"
+    # the reader's own per-sample path: checks, decode to uint8 CHW, resize only when the size differs
+    decoder = _Decoder(b.channels, b.image_size, int(b.manifest["image_size"]), len(b.manifest["classes"]))
+    shard = _Shard("bench", "train", len(samples))
+
+    def ours() -> None:
+        for ext, data in samples:
+            decoder({"__key__": "train-0", ext: data, "cls": b"0"}, shard)
+
+    def pil() -> None:
+        for _, data in samples:
+            np.asarray(Image.open(io.BytesIO(data)).convert(mode))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: one thread for both
+    try:
+        ours_runs = timed(ours, b.repeats, b.warmup)
+        pil_runs = timed(pil, b.repeats, b.warmup)
+    finally:
+        torch.set_num_threads(before)
+    n = len(samples)
+    return {"images": n, "threads": 1,
+            "ours_images_per_s": n / median(ours_runs), "pil_images_per_s": n / median(pil_runs),
+            "ratio": median(pil_runs) / median(ours_runs),
+            "ours_runs_s": ours_runs, "pil_runs_s": pil_runs}
+
+
+# ------------------------------------------------------------------ loader
+
+
+def reference_transform(b: Bench):
+    """lightly's SimCLRTransform with the probabilities our resolved augmentation uses."""
+    from lightly.transforms import SimCLRTransform
+
+    from pretrain.augment import resolve_augment
+
+    a = resolve_augment(b.cfg.augment)
+    gray = b.channels == 1  # saturation, hue and grayscale mean nothing on one channel (as in ours)
+    return SimCLRTransform(
+        input_size=b.image_size,
+        cj_prob=a["jitter_prob"], cj_strength=a["jitter_strength"],
+        cj_sat=0.0 if gray else 0.8, cj_hue=0.0 if gray else 0.2,
+        min_scale=a["crop_scale"][0],
+        random_gray_scale=0.0 if gray else a["grayscale_prob"],
+        gaussian_blur=a["blur_prob"], sigmas=tuple(a["blur_sigma"]),
+        hf_prob=a["flip_prob"],
+        normalize={"mean": list(b.manifest["mean"]), "std": list(b.manifest["std"])},
+    )
+
+
+def reference_batches(b: Bench, workers: int) -> Iterator[int]:
+    """The usual pipeline: webdataset -> PIL decode -> SimCLRTransform per image -> DataLoader collate."""
+    import webdataset as wds
+
+    from pretrain.shards import shard_url
+
+    urls = [shard_url(b.shards, rel) for s in b.splits if s in b.manifest["splits"]
+            for rel in b.manifest["splits"][s]["shards"]]
+    transform = reference_transform(b)
+    ds = (wds.WebDataset(urls, repeat=True, shardshuffle=False, empty_check=False)
+          .shuffle(b.cfg.data.shuffle_buffer).decode("pil").to_tuple("png;jpg;jpeg;webp", "cls")
+          .map_tuple(transform, int))
+    dl = torch.utils.data.DataLoader(ds, batch_size=b.batch, num_workers=workers,
+                                     pin_memory=b.device.type == "cuda")
+    for (v1, v2), _ in dl:
+        v1, v2 = v1.to(b.device, non_blocking=True), v2.to(b.device, non_blocking=True)
+        sync(b.device)
+        yield len(v1)
+
+
+def our_batches(b: Bench, workers: int, batch: int | None = None, rank: int = 0, world: int = 1
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Ours: uint8 batches from the shard reader, both views augmented on the device, epoch after epoch."""
+    from pretrain.augment import BatchAugment
+    from pretrain.reader import ShardLoader
+
+    loader = ShardLoader(b.shards, splits=tuple(s for s in b.splits if s in b.manifest["splits"]),
+                         batch_size=batch or b.batch, rank=rank, world_size=world, seed=b.cfg.data.seed,
+                         shuffle=True, num_workers=workers, image_size=b.image_size,
+                         shuffle_buffer=b.cfg.data.shuffle_buffer)
+    aug = BatchAugment(b.cfg.augment, image_size=b.image_size, mean=b.manifest["mean"],
+                       std=b.manifest["std"]).to(b.device)
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for images, _ in loader:
+            x = images.to(b.device, non_blocking=True)
+            yield aug(x), aug(x)
+        epoch += 1
+
+
+def _count(views: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> Iterator[int]:
+    for v1, _ in views:
+        sync(device)
+        yield len(v1)
+
+
+def bench_loader(b: Bench) -> dict:
+    """Source images per second, each delivered as two augmented views on the device."""
+    out: dict[str, Any] = {"batch": b.batch, "batches_per_repeat": b.loader_batches}
+    for workers in b.loader_workers:
+        row = {}
+        for name, make in (("ours", lambda w: _count(our_batches(b, w), b.device)),
+                           ("reference", lambda w: reference_batches(b, w))):
+            it = make(workers)
+            counted = [0]
+
+            def take(it=it, counted=counted) -> None:
+                counted[0] = sum(next(it) for _ in range(b.loader_batches))
+
+            # two warm-up repeats: the first pays for worker start-up and the first shards' open
+            runs = timed(take, b.repeats, warmup=max(1, b.warmup) + 1)
+            it.close()  # stops the DataLoader's worker processes before the next measurement
+            row[f"{name}_images_per_s"] = counted[0] / median(runs)
+            row[f"{name}_runs_s"] = runs
+        row["ratio"] = row["ours_images_per_s"] / row["reference_images_per_s"]
+        out[f"workers_{workers}"] = row
+    return out
+
+
+# ------------------------------------------------------------------ one training step
+
+
+class Step:
+    """One SimCLR step as the training loop takes it: both views through the model, NT-Xent, update."""
+
+    def __init__(self, b: Bench, global_batch: int, distributed: bool = False):
+        from lightly.loss import NTXentLoss
+
+        from pretrain.model import build_model
+        from pretrain.optim import build_optimizer
+
+        model = build_model(b.cfg.model, b.channels).to(b.device)
+        if b.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if distributed:
+            import ray.train.torch
+
+            model = ray.train.torch.prepare_model(model)  # DDP: gradients all-reduced as in training
+        self.model = model
+        self.loss = NTXentLoss(temperature=b.cfg.pretrain.temperature, gather_distributed=distributed)
+        self.optimizer = build_optimizer(b.cfg.optim, model, global_batch)
+        self.device = b.device
+        self.bf16 = b.bf16
+        self.memory_format = torch.channels_last if b.channels_last else torch.contiguous_format
+
+    def __call__(self, v1: torch.Tensor, v2: torch.Tensor) -> float:
+        x = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            z1, z2 = self.model(x).float().chunk(2)
+            loss = self.loss(z1, z2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        sync(self.device)
+        return float(loss.detach())
+
+
+def bench_model(b: Bench) -> dict:
+    """The ceiling: training steps on normalised views already in memory."""
+    step = Step(b, b.batch)
+    g = torch.Generator().manual_seed(0)
+    shape = (b.batch, b.channels, b.image_size, b.image_size)
+    v1, v2 = (torch.randn(shape, generator=g).to(b.device) for _ in range(2))
+    runs = timed(lambda: step(v1, v2), b.repeats, b.warmup)
+    return {"images_per_s": b.batch / median(runs), "steps_per_s": 1 / median(runs),
+            "views_per_step": 2 * b.batch, "runs_s": runs}
+
+
+def steps_loop(config: dict) -> dict:
+    """The per-worker function of `end_to_end`, `ray` and `scaling`: real loader, augmentation and step.
+
+    Runs through `pretrain.launch.run_training`, so in-process and under Ray Train it is the same code.
+    Returns per-step seconds after the warm-up and the wall-clock time the first step ended.
+    """
+    from pretrain.launch import session
+
+    sess = session()
+    b: Bench = config["bench"]
+    torch.set_num_threads(config["threads"])
+    b.device = sess.device
+    world = sess.world_size
+    views = our_batches(b, b.cfg.data.loader_workers, b.batch // world, sess.rank, world)
+    step = Step(b, b.batch, distributed=sess.distributed and world > 1)
+    step_s, wait_s, first_step_at = [], [], 0.0
+    for i in range(b.warmup + b.repeats):
+        t0 = time.perf_counter()
+        v1, v2 = next(views)
+        sync(b.device)
+        t1 = time.perf_counter()
+        step(v1, v2)
+        t2 = time.perf_counter()
+        if i == 0:
+            first_step_at = time.time()
+        if i >= b.warmup:
+            step_s.append(t2 - t0)
+            wait_s.append(t1 - t0)
+    views.close()
+    return {"step_s": step_s, "data_wait_s": wait_s, "first_step_at": first_step_at, "world_size": world,
+            "threads": config["threads"]}
+
+
+def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None) -> dict:
+    """`steps_loop` in-process (workers=0) or on `workers` Ray Train workers; figures for the whole batch."""
+    from pretrain.launch import run_training
+
+    cfg = copy.deepcopy(b.cfg)
+    b = dataclasses.replace(b, cfg=cfg)
+    cfg.output_dir = tmp
+    cfg.trainer.num_workers = workers
+    cfg.trainer.max_failures = 0
+    cfg.trainer.use_gpu = b.device.type == "cuda"
+    # the machine's threads shared evenly by the workers; Ray reserves the matching CPUs
+    threads = max(1, b.threads // max(1, workers))
+    cfg.trainer.torch_threads = threads
+    cfg.trainer.resources_per_worker = {} if workers == 0 else {"CPU": b.threads / workers}
+    if cfg.trainer.use_gpu and workers:
+        cfg.trainer.resources_per_worker["GPU"] = 1
+    launched = started if started is not None else time.time()
+    r = run_training(steps_loop, {"bench": b, "threads": threads}, cfg, local=workers == 0,
+                     name=f"bench-{workers or 'local'}-{int(time.time() * 1000)}")
+    step = median(r["step_s"])
+    return {"workers": max(1, workers), "threads_per_worker": threads, "images_per_s": b.batch / step,
+            "steps_per_s": 1 / step, "data_wait_s": median(r["data_wait_s"]),
+            "launch_to_first_step_s": r["first_step_at"] - launched, "runs_s": r["step_s"]}
+
+
+# ------------------------------------------------------------------ running
+
+
+def run_bench(b: Bench, parts: list[str], log: Callable[[str], None] = print) -> dict:
+    """Run the chosen sections in a cheap-first order; returns the bench.json dict."""
+    import ray
+
+    torch.set_num_threads(b.threads)
+    results: dict[str, Any] = {"meta": meta(b, parts)}
+    t_all = time.perf_counter()
+    tmp = tempfile.mkdtemp(prefix="selfsup-bench-runs-")
+    try:
+        if "decode" in parts:
+            log("decode ...")
+            results["decode"] = bench_decode(b)
+        if "loader" in parts:
+            log("loader ...")
+            results["loader"] = bench_loader(b)
+        if "model" in parts or "end_to_end" in parts:
+            log("model ...")
+            results["model"] = bench_model(b)
+        local = None
+        if {"end_to_end", "ray"} & set(parts):
+            log("end_to_end (in-process) ...")
+            local = _run_steps(b, 0, tmp)
+            torch.set_num_threads(b.threads)
+        if "end_to_end" in parts:
+            e2e = dict(local)
+            e2e["pipeline_efficiency"] = e2e["images_per_s"] / results["model"]["images_per_s"]
+            results["end_to_end"] = e2e
+        if {"ray", "scaling"} & set(parts):
+            results.update(_ray_parts(b, parts, local, tmp, log))
+            torch.set_num_threads(b.threads)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["meta"]["wall_s"] = time.perf_counter() - t_all
+    return results
+
+
+def _ray_parts(b: Bench, parts: list[str], local: dict | None, tmp: str, log: Callable[[str], None]) -> dict:
+    """One Ray cluster for both sections; its start-up counts in the first launch-to-first-step."""
+    from pretrain.launch import init_ray
+
+    out: dict[str, Any] = {}
+    launched = time.time()
+    cfg = copy.deepcopy(b.cfg)
+    cfg.trainer.num_workers = 1
+    cfg.trainer.use_gpu = b.device.type == "cuda"
+    cfg.trainer.resources_per_worker = {"CPU": float(b.threads)}
+    init_ray(cfg)
+    ray_init_s = time.time() - launched
+    log("ray: 1 worker ...")
+    one = _run_steps(b, 1, tmp, started=launched)
+    if "ray" in parts:
+        out["ray"] = {
+            "ray_images_per_s": one["images_per_s"], "local_images_per_s": local["images_per_s"],
+            "ratio": one["images_per_s"] / local["images_per_s"],
+            "ray_launch_to_first_step_s": one["launch_to_first_step_s"], "ray_init_s": ray_init_s,
+            "local_launch_to_first_step_s": local["launch_to_first_step_s"],
+            "ray_runs_s": one["runs_s"], "local_runs_s": local["runs_s"],
+        }
+    if "scaling" in parts:
+        gpus = torch.cuda.device_count() if b.device.type == "cuda" else 0
+        if b.device.type == "cuda" and gpus < 2:
+            out["scaling"] = {"skipped": f"2 workers need 2 GPUs, this machine has {gpus}"}
+            return out
+        log("scaling: 2 workers ...")
+        two = _run_steps(b, 2, tmp)
+        out["scaling"] = {
+            "cores": os.cpu_count(), "workers_1_images_per_s": one["images_per_s"],
+            "workers_2_images_per_s": two["images_per_s"], "speedup": two["images_per_s"] / one["images_per_s"],
+            "threads_per_worker_1": one["threads_per_worker"], "threads_per_worker_2": two["threads_per_worker"],
+            "workers_2_launch_to_first_step_s": two["launch_to_first_step_s"],
+            "workers_1_runs_s": one["runs_s"], "workers_2_runs_s": two["runs_s"],
+        }
+    return out
+
+
+def meta(b: Bench, parts: list[str]) -> dict:
+    import ray
+
+    from pretrain.augment import resolve_augment
+
+    return {
+        "device": str(b.device), "device_name": torch.cuda.get_device_name(b.device) if b.device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "threads": b.threads, "parts": parts,
+        "backbone": b.cfg.model.name, "timm_kwargs": dict(b.cfg.model.timm_kwargs), "stem": b.cfg.model.stem,
+        "image_size": b.image_size, "channels": b.channels, "batch": b.batch, "repeats": b.repeats,
+        "warmup": b.warmup, "precision": "bf16" if b.bf16 else "fp32", "channels_last": b.channels_last,
+        "augment": resolve_augment(b.cfg.augment), "loader_workers": b.loader_workers,
+        "train_loader_workers": b.cfg.data.loader_workers, "shards": b.shards,
+        "torch": torch.__version__, "ray": ray.__version__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def table(r: dict) -> str:
+    """The human-readable summary of bench.json."""
+    m = r["meta"]
+    lines = [f"selfsup bench: {m['backbone']} {m['timm_kwargs'] or '(timm defaults)'} stem={m['stem']}, "
+             f"{m['image_size']} px x {m['channels']} ch, batch {m['batch']}, {m['precision']}, device "
+             f"{m['device']} ({m['device_name']}), torch threads {m['threads']} of {m['cpu_count']} cores, "
+             f"median of {m['repeats']} after {m['warmup']} warm-up"]
+    rows: list[tuple[str, str, str]] = []
+
+    def add(section: str, what: str, value: float, unit: str) -> None:
+        rows.append((section, what, f"{value:,.2f} {unit}" if value < 100 else f"{value:,.0f} {unit}"))
+
+    if "loader" in r:
+        for key, row in r["loader"].items():
+            if key.startswith("workers_"):
+                w = key.split("_")[1]
+                add("loader", f"ours, {w} workers", row["ours_images_per_s"], "img/s (2 views)")
+                add("loader", f"reference, {w} workers", row["reference_images_per_s"], "img/s (2 views)")
+                add("loader", f"ratio ours/reference, {w} workers", row["ratio"], "x")
+    if "decode" in r:
+        d = r["decode"]
+        add("decode", "ours, 1 thread", d["ours_images_per_s"], "img/s")
+        add("decode", "PIL, 1 thread", d["pil_images_per_s"], "img/s")
+    if "model" in r:
+        add("model", "fwd+bwd+step, in memory", r["model"]["images_per_s"], "img/s (2 views)")
+    if "end_to_end" in r:
+        e = r["end_to_end"]
+        add("end_to_end", "steps with the real loader", e["steps_per_s"], "steps/s")
+        add("end_to_end", "images", e["images_per_s"], "img/s (2 views)")
+        add("end_to_end", "pipeline_efficiency", e["pipeline_efficiency"], "(end-to-end / model)")
+    if "ray" in r:
+        y = r["ray"]
+        add("ray", "Ray Train, 1 worker", y["ray_images_per_s"], "img/s")
+        add("ray", "in-process (--local)", y["local_images_per_s"], "img/s")
+        add("ray", "launch to first step, Ray (incl. cluster start)", y["ray_launch_to_first_step_s"], "s")
+        add("ray", "launch to first step, --local", y["local_launch_to_first_step_s"], "s")
+    if "scaling" in r:
+        s = r["scaling"]
+        if "skipped" in s:
+            rows.append(("scaling", "skipped", s["skipped"]))
+        else:
+            add("scaling", f"1 worker x {s['threads_per_worker_1']} threads", s["workers_1_images_per_s"], "img/s")
+            add("scaling", f"2 workers x {s['threads_per_worker_2']} threads", s["workers_2_images_per_s"], "img/s")
+            add("scaling", f"speedup on {s['cores']} cores", s["speedup"], "x")
+    w0, w1 = max(len(x[0]) for x in rows) if rows else 0, max(len(x[1]) for x in rows) if rows else 0
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    lines.append(f"total {m.get('wall_s', 0):.0f} s")
+    return "\n".join(lines)
+
+
+def write_json(r: dict, path: str | os.PathLike) -> Path:
+    from pretrain.config import atomic_write_text
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps(r, indent=2) + "\n")
+    return p
+
+
+# ------------------------------------------------------------------ command line
+
+
+def main(args: Any) -> int:
+    """`selfsup bench`: options from `pretrain.cli.add_bench_args`."""
+    from pretrain.config import load_config
+    from pretrain.shards import read_manifest
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise UserError(f"--parts {args.parts!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {','.join(PARTS)}")
+    for name in ("batch", "repeats", "threads", "images", "loader_batches", "decode_images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    try:
+        loader_workers = [int(w) for w in args.loader_workers.split(",") if w.strip()]
+    except ValueError:
+        loader_workers = [-1]
+    if not loader_workers or min(loader_workers) < 0:
+        raise UserError(f"--loader-workers must be a comma list of counts >= 0, got {args.loader_workers!r}")
+    overrides = ([] if args.config else list(BENCH_DEFAULTS)) + list(args.overrides)
+    if args.backbone:
+        overrides.append(f"model.name={args.backbone}")
+    cfg = load_config(args.config, overrides)
+    threads = args.threads or os.cpu_count() or 1
+    made = None
+    if args.shards:
+        shards = args.shards if "://" in args.shards else str(Path(args.shards).resolve())
+        manifest = read_manifest(shards)
+        image_size = args.image_size or int(manifest["image_size"])
+    else:
+        image_size = args.image_size or cfg.data.image_size
+        made = tempfile.mkdtemp(prefix="selfsup-bench-shards-")
+        print(f"writing {args.images} CIFAR-like {image_size} px images as shards in {made} ...", flush=True)
+        shards = make_bench_shards(made, args.images, image_size, seed=cfg.data.seed)
+        manifest = read_manifest(shards)
+    try:
+        b = Bench(cfg=cfg, shards=shards, manifest=manifest, image_size=image_size, batch=args.batch,
+                  repeats=args.repeats, threads=threads, device=pick_device(), loader_workers=loader_workers,
+                  loader_batches=args.loader_batches, decode_images=args.decode_images)
+        results = run_bench(b, parts, log=lambda s: print(s, flush=True))
+    finally:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+    out = write_json(results, args.out)
+    print(table(results))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,90 @@
+"""`selfsup bench` on a tiny budget: real generated shards, real loaders, real model steps, real Ray.
+
+Checks the shape of bench.json (every section and figure the issue names) and that every measured figure is
+a positive number; the figures themselves depend on the machine, so no value is asserted beyond that.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cluster.cli import main
+
+TINY = ["--backbone", "resnet18", "--image-size", "16", "--batch", "16", "--repeats", "2", "--threads", "1",
+        "--images", "320", "--loader-batches", "2", "--decode-images", "50",
+        "model.timm_kwargs={channels: [8, 8, 16, 16]}", "model.proj_hidden_dim=32", "model.proj_output_dim=16"]
+
+
+def numbers(node, path=""):
+    """Every number under `node` with its path (booleans are not figures)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from numbers(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from numbers(v, f"{path}[{i}]")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield path, node
+
+
+def assert_positive(section: dict, name: str) -> None:
+    found = list(numbers(section, name))
+    assert found, f"{name} holds no figures"
+    for path, value in found:
+        assert math.isfinite(value) and value > 0, f"{path} = {value}"
+
+
+def run_bench(tmp_path, parts: str, *extra: str) -> tuple[dict, str]:
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--parts", parts, "--out", str(out), *TINY, *extra])
+    assert rc == 0
+    return json.loads(out.read_text()), out
+
+
+def test_cheap_parts_and_end_to_end(tmp_path, capsys):
+    r, _ = run_bench(tmp_path, "loader,decode,model,end_to_end", "--loader-workers", "0,2")
+    assert set(r) == {"meta", "loader", "decode", "model", "end_to_end"}
+    m = r["meta"]
+    assert m["threads"] == 1 and m["batch"] == 16 and m["image_size"] == 16 and m["repeats"] == 2
+    assert m["backbone"] == "resnet18" and m["timm_kwargs"] == {"channels": [8, 8, 16, 16]}
+    for w in (0, 2):
+        row = r["loader"][f"workers_{w}"]
+        assert {"ours_images_per_s", "reference_images_per_s", "ratio"} <= set(row)
+        assert len(row["ours_runs_s"]) == len(row["reference_runs_s"]) == 2
+        assert row["ratio"] == pytest.approx(row["ours_images_per_s"] / row["reference_images_per_s"])
+    assert {"ours_images_per_s", "pil_images_per_s", "images"} <= set(r["decode"])
+    assert r["decode"]["images"] == 50
+    assert {"images_per_s", "steps_per_s"} <= set(r["model"])
+    e = r["end_to_end"]
+    assert {"steps_per_s", "images_per_s", "pipeline_efficiency", "data_wait_s", "launch_to_first_step_s"} <= set(e)
+    assert e["pipeline_efficiency"] == pytest.approx(e["images_per_s"] / r["model"]["images_per_s"])
+    for name in ("loader", "decode", "model", "end_to_end"):
+        assert_positive(r[name], name)
+    printed = capsys.readouterr().out
+    assert "torch threads 1" in printed and "pipeline_efficiency" in printed and "ratio ours/reference" in printed
+
+
+def test_bad_parts_is_one_line_error(tmp_path, capsys):
+    rc = main(["bench", "--parts", "loader,warp", "--out", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "warp" in err and "\n" not in err
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.slow
+def test_ray_and_scaling(tmp_path):
+    r, _ = run_bench(tmp_path, "ray,scaling", "--threads", "2")
+    assert set(r) == {"meta", "ray", "scaling"}
+    y = r["ray"]
+    assert {"ray_images_per_s", "local_images_per_s", "ratio", "ray_launch_to_first_step_s",
+            "local_launch_to_first_step_s", "ray_init_s"} <= set(y)
+    # launch to first step under Ray includes starting the cluster
+    assert y["ray_launch_to_first_step_s"] > y["ray_init_s"]
+    s = r["scaling"]
+    assert {"workers_1_images_per_s", "workers_2_images_per_s", "speedup"} <= set(s)
+    assert s["threads_per_worker_1"] == 2 and s["threads_per_worker_2"] == 1
+    assert_positive(y, "ray")
+    assert_positive(s, "scaling")
