@@ -38,7 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # digits: a flipped 2 or 7 is another glyph and the images have no colour, so crops carry the task;
     # below ~0.2 of a 16 px digit the crop no longer shows which digit it is.
     "digits": dict(crop_scale=[0.2, 1.0], crop_ratio=[3 / 4, 4 / 3], flip_prob=0.0, jitter_prob=0.0,
-                   jitter_strength=0.0, grayscale_prob=0.0, blur_prob=0.0, blur_sigma=[0.1, 2.0]),
+                   jitter_strength=0.5, grayscale_prob=0.0, blur_prob=0.0, blur_sigma=[0.1, 2.0]),
 }
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 

@@ -363,7 +363,8 @@ class _ShardStream(IterableDataset):
                 break
             if not got and pieces is not everything:
                 # this worker's part is all corrupt: resample from the whole split rather than stop short
-                _skip(decoder.skips, "unreadable_part", f"rank {self.rank} worker {worker}: resampling the split")
+                log.warning("rank %d loader worker %d: no readable sample in its part; resampling the split",
+                            self.rank, worker)
                 pieces = everything
                 continue
             if not got:  # a full pass over the split without one readable sample: resampling would loop forever
@@ -411,6 +412,7 @@ def _samples(shard: _Shard, skips: Counter, keys: frozenset | None = None, start
     except Exception as e:  # noqa: BLE001 -- any way a shard fails to open is one counted skip
         _skip(skips, "unreadable_shard", f"{shard.url}: {e}")
         return
+
     def files():
         # the tar's own errors end the file stream here, so the last complete sample is still grouped
         try:
