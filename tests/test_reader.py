@@ -6,6 +6,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -215,8 +216,12 @@ def test_pipe_and_file_urls_and_keys(tmp_path):
     d = tmp_path / "urls"
     d.mkdir()
     train = manifest["splits"]["train"]
-    # shards named by URL in the manifest: a pipe for some, file:// for the others
+    # shards named by URL in the manifest: a pipe, file://, and an fsspec filesystem (memory://, standing in
+    # for s3:// and the other object stores webdataset's gopen does not know)
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/shards/train-000000.tar", (src / train["shards"][0]).read_bytes())
     train["shards"] = [f"pipe:cat {src / s}" if i % 2 else f"file://{src / s}" for i, s in enumerate(train["shards"])]
+    train["shards"][0] = "memory://shards/train-000000.tar"
     manifest["splits"]["test"]["shards"] = [f"pipe:cat {src / s}" for s in manifest["splits"]["test"]["shards"]]
     write_manifest(d, manifest)
     ranks = read_ranks(d, 2, batch_size=4, num_workers=0)
