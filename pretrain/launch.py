@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -77,6 +78,9 @@ class LocalSession:
     def barrier(self) -> None:
         pass
 
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
 
 class RaySession:
     """A Ray Train worker: thin adapter over `ray.train`."""
@@ -112,6 +116,11 @@ class RaySession:
     def barrier(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+    def log(self, message: str) -> None:
+        # straight to the worker's stdout (streamed to the driver): Ray Train's patched print would both
+        # tee it and log it, showing every line twice
+        print(message, file=sys.__stdout__, flush=True)
 
 
 _LOCAL: LocalSession | None = None

@@ -74,10 +74,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     total_steps = p.epochs * steps_per_epoch
     warmup_steps = cfg.optim.warmup_epochs * steps_per_epoch
 
-    # ---- resume: Ray's own checkpoint after a restart, or --resume's; whichever is further along
+    # ---- resume: Ray's own checkpoint after a restart, --resume's, or one written to storage but not yet
+    # registered when a worker died (the CLI refuses fresh runs over old checkpoints, so all are this run's)
     start_epoch, step, nonfinite_total, last_knn, wandb_id = 0, 0, 0, None, None
     arch = arch_of(cfg, manifest)
-    resume = max((sess.get_checkpoint(), config.get("resume_from")), key=ckpt.epoch_of)
+    candidates = (sess.get_checkpoint(), config.get("resume_from"), ckpt.find_latest(config["run_path"]))
+    resume = max(candidates, key=ckpt.epoch_of)
     if resume is not None:
         with _local_copy(resume) as d:
             state = ckpt.load_checkpoint(d, arch=arch, map_location="cpu")
@@ -91,7 +93,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         _truncate_metrics(out / METRICS, start_epoch)
         (out / "encoder.json").unlink(missing_ok=True)  # a stale done-marker must not outlive more training
         if resume is not None:
-            print(f"[pretrain] resumed from {resume} at epoch {start_epoch}", flush=True)
+            sess.log(f"[pretrain] resumed from {resume} at epoch {start_epoch}")
             _append_json(out / EVENTS, {"event": "resume", "from_epoch": start_epoch, "checkpoint": str(resume),
                                          "time": time.time()})
 
@@ -112,7 +114,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         loader.set_epoch(epoch)
         model.train()
         t_epoch = time.perf_counter()
-        data_wait, loss_sum, loss_n, nonfinite_epoch = 0.0, 0.0, 0, 0
+        data_wait, loss_sum, loss_n, nonfinite_epoch, skipped_before = 0.0, 0.0, 0, 0, loader.skipped
         batches = iter(loader)
         for _ in sess.progress(range(steps_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}"):
             t_wait = time.perf_counter()
@@ -164,7 +166,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         # ---- end of epoch: global numbers, kNN, metrics.jsonl, checkpoint
         seconds = time.perf_counter() - t_epoch
         loss_sum, loss_n, data_wait, skipped, seconds_sum = reduce_sums(
-            [loss_sum, loss_n, data_wait, loader.skipped, seconds], device, sess.distributed and world > 1)
+            [loss_sum, loss_n, data_wait, loader.skipped - skipped_before, seconds], device, sess.distributed and world > 1)
         done = epoch + 1
         record: dict[str, Any] = {
             "epoch": done,
@@ -174,7 +176,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             "images_per_s": steps_per_epoch * p.batch_size / max(seconds_sum / world, 1e-9),
             "data_wait_s": data_wait / world,
             "epoch_s": seconds_sum / world,
-            "skipped_samples": int(skipped),
+            "skipped_samples": int(skipped),  # corrupt samples skipped this epoch, all ranks
             "nonfinite_steps": nonfinite_epoch,
         }
         if done == start_epoch + 1 and resume is not None:
@@ -187,7 +189,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             _append_json(out / METRICS, record)
             tracker.log({"epoch": done, **{f"epoch/{k}": v for k, v in record.items() if k != "epoch"}}, step=step)
-            print("[pretrain] " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items()), flush=True)
+            sess.log("[pretrain] " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
 
         if done % p.checkpoint_every == 0 or done == p.epochs:
             meta = {"epoch": done, "step": step, "data_position": {"epoch": done, "batch": 0, "seed": p.seed},
@@ -209,7 +211,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         files = [out / "encoder.safetensors", out / "head.safetensors", out / "encoder.json"]
         tracker.log_artifact(f"{cfg.name}-encoder", "model", [f for f in files if f.exists()], metadata=meta)
         tracker.summary({"knn_acc": last_knn, "nonfinite_steps": nonfinite_total})
-        print(f"[pretrain] encoder written to {path} (knn_acc={_fmt(last_knn)})", flush=True)
+        sess.log(f"[pretrain] encoder written to {path} (knn_acc={_fmt(last_knn)})")
     tracker.finish()
     return {"status": "ok", "epochs": p.epochs, "knn_acc": last_knn, "start_epoch": start_epoch}
 
@@ -252,7 +254,7 @@ def inject_kill(fault: Any, rank: int, step: int, out: Path) -> None:
     if marker.exists():
         return  # the restarted attempt runs on
     marker.write_text(f"rank {rank} killed at step {step}\n")
-    print(f"[pretrain] fault injection: rank {rank} exits at step {step}", flush=True)
+    session().log(f"[pretrain] fault injection: rank {rank} exits at step {step}")
     os._exit(1)
 
 

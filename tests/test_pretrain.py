@@ -177,50 +177,62 @@ def test_bad_input_is_one_line(shards, tmp_path, capsys):
 # ------------------------------------------------------------------ Ray Train, 2 CPU workers
 
 
-@pytest.mark.slow
-def test_ray_two_workers_uneven_shards_survive_a_killed_worker(shards, tmp_path):
-    """2 workers over 3 shards; rank 1 exits hard in epoch 2; the group restarts from the epoch-1 checkpoint."""
-    run = tmp_path / "ray"
-    argv = [f"output_dir={run}", f"data.shards={shards}", *TINY, "trainer.num_workers=2", "trainer.max_failures=1",
-            "pretrain.epochs=3", "pretrain.knn_every=1", "fault.kill_rank=1", "fault.at_step=30"]
-    assert cli(argv) == 0
-    m = assert_run_complete(run, 3)
-    assert all("knn_acc" in r for r in m)
-    assert (run / ".fault-injected").read_text().startswith("rank 1 killed at step 30")
-    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
-    assert [e["from_epoch"] for e in events if e["event"] == "resume"] == [1]
-    assert m[1].get("resumed_from") == 1
-    assert ckpt.epoch_of(ckpt.find_latest(run / "ray" / "digits")) == 3
-
-
-@pytest.mark.slow
-def test_ray_worker_killed_from_outside_by_pid(shards, tmp_path):
+@pytest.fixture(scope="module")
+def ray_cluster(shards):
+    """One private local cluster for the Ray tests (pretrain_main reuses a cluster this process started)."""
     import ray
-    from ray.util.state import list_actors
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
     from pretrain.config import load_config
     from pretrain.launch import init_ray
 
-    run = tmp_path / "outside"
-    argv = [f"output_dir={run}", f"data.shards={shards}", *TINY, "trainer.num_workers=2", "trainer.max_failures=1",
-            "pretrain.epochs=3", "pretrain.knn_every=0"]
-    assert init_ray(load_config(None, argv))  # our own private cluster; pretrain_main reuses it
+    assert init_ray(load_config(None, ["trainer.num_workers=2"]))
     try:
-        result: dict = {}
-        worker = threading.Thread(target=lambda: result.update(rc=cli(argv)), daemon=True)
-        worker.start()
-        deadline = time.time() + 240
-        while not ((run / "metrics.jsonl").exists() and metrics(run)) and time.time() < deadline:
-            time.sleep(0.5)
-        assert metrics(run), "epoch 1 never finished"
-        actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
-        assert len(actors) == 2
-        victim = max(a.pid for a in actors)
-        os.kill(victim, signal.SIGKILL)
-        worker.join(timeout=300)
-        assert result.get("rc") == 0
+        # the security defaults: loopback only, token authentication on
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        assert is_token_auth_enabled()
+        yield
     finally:
         ray.shutdown()
-    assert_run_complete(run, 3)
+
+
+@pytest.mark.slow
+def test_ray_two_workers_uneven_shards_survive_a_killed_worker(shards, ray_cluster, tmp_path):
+    """2 workers over 3 shards; rank 1 exits hard early in epoch 2; the group restarts from the epoch-1
+    checkpoint and finishes, with every epoch in metrics.jsonl once."""
+    run = tmp_path / "ray"
+    argv = [f"output_dir={run}", f"data.shards={shards}", *TINY, "trainer.num_workers=2", "trainer.max_failures=1",
+            "pretrain.epochs=2", "pretrain.knn_every=1", "fault.kill_rank=1", "fault.at_step=33"]
+    assert cli(argv) == 0
+    m = assert_run_complete(run, 2)
+    assert all("knn_acc" in r for r in m)
+    assert (run / ".fault-injected").read_text().startswith("rank 1 killed at step 33")
+    assert m[0]["step"] < 33  # the kill came after the epoch-1 checkpoint
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
-    assert any(e["event"] == "resume" and e["from_epoch"] >= 1 for e in events)
+    assert [e["from_epoch"] for e in events if e["event"] == "resume"] == [1]
+    assert m[1].get("resumed_from") == 1
+    assert ckpt.epoch_of(ckpt.find_latest(run / "ray" / "digits")) == 2
+
+
+@pytest.mark.slow
+def test_ray_worker_killed_from_outside_by_pid(shards, ray_cluster, tmp_path):
+    from ray.util.state import list_actors
+
+    run = tmp_path / "outside"
+    argv = [f"output_dir={run}", f"data.shards={shards}", *TINY, "trainer.num_workers=2", "trainer.max_failures=1",
+            "pretrain.epochs=2", "pretrain.knn_every=0"]
+    result: dict = {}
+    trainer = threading.Thread(target=lambda: result.update(rc=cli(argv)), daemon=True)
+    trainer.start()
+    deadline = time.time() + 240
+    while ckpt.find_latest(run / "ray" / "digits") is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.find_latest(run / "ray" / "digits"), "epoch 1 never finished"
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    assert len(actors) == 2
+    os.kill(max(a.pid for a in actors), signal.SIGKILL)
+    trainer.join(timeout=300)
+    assert result.get("rc") == 0
+    assert_run_complete(run, 2)
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["from_epoch"] for e in events if e["event"] == "resume"] == [1]
