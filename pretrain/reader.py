@@ -131,7 +131,8 @@ class ShardLoader:
         if num_workers > 0:
             # batch_size=None: workers batch themselves (one IPC message per batch, not per image)
             self._loader = DataLoader(
-                self._dataset, batch_size=None, num_workers=num_workers, persistent_workers=True, prefetch_factor=4
+                self._dataset, batch_size=None, num_workers=num_workers, persistent_workers=True, prefetch_factor=4,
+                pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
             )
 
     @property
@@ -491,6 +492,8 @@ class _Decoder:
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         palette = data[:8] == _PNG_SIG and len(data) > 25 and data[25] == 3  # UNCHANGED gives palette indices
         image = None if palette else decode_image(buf, mode=ImageReadMode.UNCHANGED)
+        if image is not None and image.ndim == 4:  # an animated GIF: [frames, C, H, W]
+            image = image[0]
         if image is None or image.dtype != torch.uint8 or image.shape[0] != self.channels:
             # another colour mode (RGBA, LA, palette, CMYK, 16-bit): let the decoder convert it
             self.fixes["mode"] += 1
@@ -502,7 +505,7 @@ class _Decoder:
                 image = (image.float() * weights).sum(0, keepdim=True).round().clamp(0, 255).to(torch.uint8)
             elif image.shape[0] == 1 and self.channels == 3:
                 image = image.expand(3, -1, -1).contiguous()
-        return image
+        return image[0] if image.ndim == 4 else image  # an animated GIF: its first frame
 
 
 def _safe_key(key: str) -> bool:
