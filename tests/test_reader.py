@@ -196,6 +196,8 @@ def test_grayscale_dataset_converts_colour_and_palette_images(tmp_path):
     expected = Image.fromarray(rgb).convert("L")  # PIL's luma, what the decoder's conversion matches
     assert (images[0, 0].int() - torch.from_numpy(np.array(expected)).int()).abs().max() <= 1
     assert torch.equal(images[2, 0], torch.from_numpy(gray[..., 0]))
+    bigger, _, _ = load_split(tmp_path, "train", image_size=16)  # a training size other than the shards'
+    assert bigger.shape == (3, 1, 16, 16) and bigger.dtype == torch.uint8
 
 
 def test_an_empty_split_or_a_missing_dir_is_a_user_error(tmp_path):
