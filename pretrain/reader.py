@@ -153,11 +153,16 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._epoch_value.value = self.epoch
         source = iter(self._loader) if self._loader is not None else self._dataset.iterate(0)
-        for images, labels, skips, fixes in source:
-            self.skip_reasons.update(skips)
-            self.fixed.update(fixes)
-            if len(images):  # an empty batch only carries a worker's last counts
-                yield images, labels
+        try:
+            for images, labels, skips, fixes in source:
+                self.skip_reasons.update(skips)
+                self.fixed.update(fixes)
+                if len(images):  # an empty batch only carries a worker's last counts
+                    yield images, labels
+        except UserError as e:
+            # from a loader worker it arrives wrapped with the worker's traceback: keep the one line
+            last = str(e).strip().splitlines()[-1]
+            raise UserError(last.split("UserError: ", 1)[-1]) from None
 
 
 def load_split(

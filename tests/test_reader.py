@@ -210,6 +210,12 @@ def test_an_empty_split_or_a_missing_dir_is_a_user_error(tmp_path):
         ShardLoader(tmp_path / "nowhere", batch_size=2)
     with pytest.raises(UserError, match="no samples"):
         ShardLoader(tmp_path, splits="test", batch_size=2, keys=["test-99999999"])
+    # samples listed, none readable: one line, also from a loader worker process
+    write_raw_tar(tmp_path / "test-000000.tar", [(f"test-{i:08d}.png", b"garbage") for i in range(3)])
+    for workers in (0, 1):
+        with pytest.raises(UserError, match="no readable samples") as e:
+            list(ShardLoader(tmp_path, splits="test", batch_size=2, num_workers=workers))
+        assert "\n" not in str(e.value)
 
 
 def test_pipe_and_file_urls_and_keys(tmp_path):
