@@ -88,6 +88,10 @@ class Bench:
     device: torch.device
     loader_workers: list[int] = field(default_factory=lambda: [0, 2])
     loader_batches: int = 4  # batches per timed loader repeat
+    # torch threads of the loader section's main process. 1: at 0 workers the reference's PIL transforms run
+    # on one core, so this makes the ratio per core; it also keeps many small OpenMP ops from collapsing
+    # when other processes oversubscribe the cores (measured: 5x slower with 2 threads under load 12).
+    loader_threads: int = 1
     decode_images: int = 1000
     warmup: int = 1
     splits: tuple[str, ...] = ("train", "unlabeled")
@@ -267,26 +271,47 @@ def _count(views: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.dev
 
 
 def bench_loader(b: Bench) -> dict:
-    """Source images per second, each delivered as two augmented views on the device."""
-    out: dict[str, Any] = {"batch": b.batch, "batches_per_repeat": b.loader_batches}
-    for workers in b.loader_workers:
-        row = {}
-        for name, make in (("ours", lambda w: _count(our_batches(b, w), b.device)),
-                           ("reference", lambda w: reference_batches(b, w))):
-            it = make(workers)
-            counted = [0]
-
-            def take(it=it, counted=counted) -> None:
-                counted[0] = sum(next(it) for _ in range(b.loader_batches))
-
-            # two warm-up repeats: the first pays for worker start-up and the first shards' open
-            runs = timed(take, b.repeats, warmup=max(1, b.warmup) + 1)
-            it.close()  # stops the DataLoader's worker processes before the next measurement
-            row[f"{name}_images_per_s"] = counted[0] / median(runs)
-            row[f"{name}_runs_s"] = runs
-        row["ratio"] = row["ours_images_per_s"] / row["reference_images_per_s"]
-        out[f"workers_{workers}"] = row
+    """Source images per second, each delivered as two augmented views on the device, per worker count."""
+    out: dict[str, Any] = {"batch": b.batch, "batches_per_repeat": b.loader_batches, "threads": b.loader_threads}
+    before = torch.get_num_threads()
+    torch.set_num_threads(b.loader_threads)
+    try:
+        for workers in b.loader_workers:
+            out[f"workers_{workers}"] = _loader_row(b, workers)
+    finally:
+        torch.set_num_threads(before)
     return out
+
+
+def _loader_row(b: Bench, workers: int) -> dict:
+    """Ours against the reference at one worker count.
+
+    At 0 workers the two pipelines' timed repeats alternate, so both see the same load from whatever else
+    runs on the machine. With workers they run one after the other: a paused pipeline's workers keep
+    filling their prefetch queue, which would hand its next repeat batches made in the other's time.
+    """
+    makers = {"ours": lambda: _count(our_batches(b, workers), b.device), "reference": lambda: reference_batches(b, workers)}
+    runs: dict[str, list[float]] = {name: [] for name in makers}
+    counts: dict[str, int] = {}
+    for group in ([[name] for name in makers] if workers else [list(makers)]):
+        its = {name: makers[name]() for name in group}
+        for _ in range(max(1, b.warmup) + 1):  # the first pays for worker start-up and the first shards' open
+            for it in its.values():
+                for _ in range(b.loader_batches):
+                    next(it)
+        for _ in range(b.repeats):
+            for name, it in its.items():
+                t0 = time.perf_counter()
+                counts[name] = sum(next(it) for _ in range(b.loader_batches))
+                runs[name].append(time.perf_counter() - t0)
+        for it in its.values():
+            it.close()  # stops the DataLoader's worker processes before the next measurement
+    row: dict[str, Any] = {}
+    for name in makers:
+        row[f"{name}_images_per_s"] = counts[name] / median(runs[name])
+        row[f"{name}_runs_s"] = runs[name]
+    row["ratio"] = row["ours_images_per_s"] / row["reference_images_per_s"]
+    return row
 
 
 # ------------------------------------------------------------------ one training step
@@ -342,7 +367,10 @@ def steps_loop(config: dict) -> dict:
     """The per-worker function of `end_to_end`, `ray` and `scaling`: real loader, augmentation and step.
 
     Runs through `pretrain.launch.run_training`, so in-process and under Ray Train it is the same code.
-    Returns per-step seconds after the warm-up and the wall-clock time the first step ended.
+    Returns per-step seconds after the warm-up, the part of them spent getting both views (`data_s`), and
+    the wall-clock time the first step ended. With `model_only`, each timed step is followed by a step on
+    the same views already in memory: the model-only figure, measured alternately with the end-to-end one
+    so that both see the same machine (others' load comes and goes).
     """
     from pretrain.launch import session
 
@@ -353,7 +381,7 @@ def steps_loop(config: dict) -> dict:
     world = sess.world_size
     views = our_batches(b, b.cfg.data.loader_workers, b.batch // world, sess.rank, world)
     step = Step(b, b.batch, distributed=sess.distributed and world > 1)
-    step_s, wait_s, first_step_at = [], [], 0.0
+    step_s, data_s, model_s, first_step_at = [], [], [], 0.0
     for i in range(b.warmup + b.repeats):
         t0 = time.perf_counter()
         v1, v2 = next(views)
@@ -365,13 +393,17 @@ def steps_loop(config: dict) -> dict:
             first_step_at = time.time()
         if i >= b.warmup:
             step_s.append(t2 - t0)
-            wait_s.append(t1 - t0)
+            data_s.append(t1 - t0)
+            if config.get("model_only"):
+                t3 = time.perf_counter()
+                step(v1, v2)
+                model_s.append(time.perf_counter() - t3)
     views.close()
-    return {"step_s": step_s, "data_wait_s": wait_s, "first_step_at": first_step_at, "world_size": world,
-            "threads": config["threads"]}
+    return {"step_s": step_s, "data_s": data_s, "model_s": model_s, "first_step_at": first_step_at,
+            "world_size": world, "threads": config["threads"]}
 
 
-def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None) -> dict:
+def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, model_only: bool = False) -> dict:
     """`steps_loop` in-process (workers=0) or on `workers` Ray Train workers; figures for the whole batch."""
     from pretrain.launch import run_training
 
@@ -388,12 +420,13 @@ def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None) -
     if cfg.trainer.use_gpu and workers:
         cfg.trainer.resources_per_worker["GPU"] = 1
     launched = started if started is not None else time.time()
-    r = run_training(steps_loop, {"bench": b, "threads": threads}, cfg, local=workers == 0,
+    r = run_training(steps_loop, {"bench": b, "threads": threads, "model_only": model_only}, cfg, local=workers == 0,
                      name=f"bench-{workers or 'local'}-{int(time.time() * 1000)}")
     step = median(r["step_s"])
     return {"workers": max(1, workers), "threads_per_worker": threads, "images_per_s": b.batch / step,
-            "steps_per_s": 1 / step, "data_wait_s": median(r["data_wait_s"]),
-            "launch_to_first_step_s": r["first_step_at"] - launched, "runs_s": r["step_s"]}
+            "steps_per_s": 1 / step, "data_s": median(r["data_s"]),
+            "launch_to_first_step_s": r["first_step_at"] - launched, "runs_s": r["step_s"],
+            "model_runs_s": r["model_s"]}
 
 
 # ------------------------------------------------------------------ running
@@ -414,15 +447,20 @@ def run_bench(b: Bench, parts: list[str], log: Callable[[str], None] = print) ->
         if "loader" in parts:
             log("loader ...")
             results["loader"] = bench_loader(b)
-        if "model" in parts or "end_to_end" in parts:
+        if "model" in parts and "end_to_end" not in parts:
             log("model ...")
             results["model"] = bench_model(b)
         local = None
         if {"end_to_end", "ray"} & set(parts):
-            log("end_to_end (in-process) ...")
-            local = _run_steps(b, 0, tmp)
+            log("end_to_end (in-process, alternating with model-only steps) ..." if "end_to_end" in parts
+                else "in-process steps ...")
+            local = _run_steps(b, 0, tmp, model_only="end_to_end" in parts)
             torch.set_num_threads(b.threads)
         if "end_to_end" in parts:
+            model_runs = local.pop("model_runs_s")
+            results["model"] = {"images_per_s": b.batch / median(model_runs), "steps_per_s": 1 / median(model_runs),
+                                "views_per_step": 2 * b.batch, "runs_s": model_runs,
+                                "measured": "alternating with end_to_end steps, same process and model"}
             e2e = dict(local)
             e2e["pipeline_efficiency"] = e2e["images_per_s"] / results["model"]["images_per_s"]
             results["end_to_end"] = e2e
@@ -484,7 +522,7 @@ def meta(b: Bench, parts: list[str]) -> dict:
     return {
         "device": str(b.device), "device_name": torch.cuda.get_device_name(b.device) if b.device.type == "cuda"
         else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "threads": b.threads, "parts": parts,
+        "cpu_count": os.cpu_count(), "threads": b.threads, "loader_threads": b.loader_threads, "parts": parts,
         "backbone": b.cfg.model.name, "timm_kwargs": dict(b.cfg.model.timm_kwargs), "stem": b.cfg.model.stem,
         "image_size": b.image_size, "channels": b.channels, "batch": b.batch, "repeats": b.repeats,
         "warmup": b.warmup, "precision": "bf16" if b.bf16 else "fp32", "channels_last": b.channels_last,
@@ -511,11 +549,13 @@ def table(r: dict) -> str:
         rows.append((section, what, f"{value:,.2f} {unit}" if value < 100 else f"{value:,.0f} {unit}"))
 
     if "loader" in r:
+        t = r["loader"]["threads"]
         for key, row in r["loader"].items():
             if key.startswith("workers_"):
                 w = key.split("_")[1]
-                add("loader", f"ours, {w} workers", row["ours_images_per_s"], "img/s (2 views)")
-                add("loader", f"reference, {w} workers", row["reference_images_per_s"], "img/s (2 views)")
+                add("loader", f"ours, {w} workers, {t} main thread", row["ours_images_per_s"], "img/s (2 views)")
+                add("loader", f"reference, {w} workers, {t} main thread", row["reference_images_per_s"],
+                    "img/s (2 views)")
                 add("loader", f"ratio ours/reference, {w} workers", row["ratio"], "x")
     if "decode" in r:
         d = r["decode"]
@@ -570,7 +610,7 @@ def main(args: Any) -> int:
     if unknown or not parts:
         raise UserError(f"--parts {args.parts!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; "
                         f"choose from {','.join(PARTS)}")
-    for name in ("batch", "repeats", "threads", "images", "loader_batches", "decode_images"):
+    for name in ("batch", "repeats", "threads", "images", "loader_batches", "decode_images", "loader_threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -599,7 +639,8 @@ def main(args: Any) -> int:
     try:
         b = Bench(cfg=cfg, shards=shards, manifest=manifest, image_size=image_size, batch=args.batch,
                   repeats=args.repeats, threads=threads, device=pick_device(), loader_workers=loader_workers,
-                  loader_batches=args.loader_batches, decode_images=args.decode_images)
+                  loader_batches=args.loader_batches, decode_images=args.decode_images,
+                  loader_threads=args.loader_threads)
         results = run_bench(b, parts, log=lambda s: print(s, flush=True))
     finally:
         if made:

@@ -137,6 +137,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=6144, help="images in the generated shards")
     p.add_argument("--loader-workers", default="0,2", help="loader worker counts to compare, comma list")
     p.add_argument("--loader-batches", type=int, default=4, help="batches per timed loader repeat")
+    p.add_argument("--loader-threads", type=int, default=1,
+                   help="torch threads of the loader section's main process (1: a per-core comparison)")
     p.add_argument("--decode-images", type=int, default=1000, help="images per timed decode repeat")
     p.add_argument("--out", default="bench.json", help="where to write the figures (default ./bench.json)")
 

@@ -59,7 +59,7 @@ def test_cheap_parts_and_end_to_end(tmp_path, capsys):
     assert r["decode"]["images"] == 50
     assert {"images_per_s", "steps_per_s"} <= set(r["model"])
     e = r["end_to_end"]
-    assert {"steps_per_s", "images_per_s", "pipeline_efficiency", "data_wait_s", "launch_to_first_step_s"} <= set(e)
+    assert {"steps_per_s", "images_per_s", "pipeline_efficiency", "data_s", "launch_to_first_step_s"} <= set(e)
     assert e["pipeline_efficiency"] == pytest.approx(e["images_per_s"] / r["model"]["images_per_s"])
     for name in ("loader", "decode", "model", "end_to_end"):
         assert_positive(r[name], name)
