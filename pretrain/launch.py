@@ -258,9 +258,16 @@ def init_ray(cfg: Any) -> bool:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=free_port(), _node_ip_address="127.0.0.1",
-             log_to_driver=True)
+    # A GCS port chosen here lets every process of the job know its own cluster: Ray Train's helper actors
+    # look the cluster up by address and fail with "multiple active Ray instances" when others run nearby.
+    gcs_port = free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=free_port(), _node_ip_address="127.0.0.1",
+                 log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
     return True
 
 
