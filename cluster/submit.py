@@ -201,12 +201,18 @@ def last_error_lines(client, job_id: str, n: int = 10) -> list[str]:
 
 def follow(client, job_id: str, stream: bool = True) -> int:
     """Stream a job to its end; 0 only for SUCCEEDED, else print its last error lines and return 1."""
-    if stream:
-        try:
-            stream_logs(client, job_id)
-        except Exception as e:  # a dropped stream is not the job's outcome: fall back to polling
-            print(f"(log stream ended: {one_line(e)}; waiting for the job)", file=sys.stderr)
-    status = wait_terminal(client, job_id, timeout_s=60.0 if stream else float("inf"))
+    try:
+        if stream:
+            try:
+                stream_logs(client, job_id)
+            except Exception as e:  # a dropped stream is not the job's outcome: fall back to polling
+                print(f"(log stream ended: {one_line(e)}; waiting for the job)", file=sys.stderr)
+        status = wait_terminal(client, job_id, timeout_s=60.0 if stream else float("inf"))
+    except KeyboardInterrupt:
+        # Ctrl-C stops following, not the job: say how to get back to it or end it
+        print(f"error: stopped following job {job_id}; it keeps running: `selfsup submit --logs {job_id} "
+              f"--wait` to follow it again, `selfsup submit --stop {job_id}` to stop it", file=sys.stderr)
+        return 130
     if status == "SUCCEEDED":
         print(f"job {job_id} SUCCEEDED")
         return 0
