@@ -515,8 +515,10 @@ class _Decoder:
 
 def _safe_key(key: str) -> bool:
     """Keys name samples, never files: refuse absolute paths and `..` (a hostile `../../x` member)."""
+    if "/" not in key and "\\" not in key and ":" not in key:  # the usual `train-00000042`: no path at all
+        return bool(key) and key != ".."
     path = PurePosixPath(key.replace("\\", "/"))
-    return bool(key) and not path.is_absolute() and ".." not in path.parts and ":" not in key
+    return not path.is_absolute() and ".." not in path.parts and ":" not in key
 
 
 def _resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
