@@ -64,6 +64,9 @@ def _run_stages(cfg: Config, config_path: Path, first_forced: int, local: bool) 
             msg = f"[pipeline] {stage}: done, skipped ({_marker(stage, cfg)})"
             if stale:
                 msg += f"; NOTE its config changed since: {stale} -- rerun with `--force {stage}` to redo it"
+                if stage == "pretrain" and stale.startswith("pretrain.epochs") and "," not in stale:
+                    msg += (f", or continue it: `selfsup pretrain --resume {cfg.output_dir} "
+                            f"pretrain.epochs={cfg.pretrain.epochs}` then `--force finetune`")
             print(msg, flush=True)
             done[stage] = "skipped"
             continue
@@ -179,6 +182,13 @@ def _changes(saved_path: Path, cfg: Config, keys: tuple[str, ...]) -> str:
     except (OSError, yaml.YAMLError):
         return ""
     now = to_dict(cfg)
+    for tree in (saved, now):  # stages record paths made absolute: compare like with like
+        for key in ("shards",):
+            value = (tree.get("data") or {}).get(key)
+            if isinstance(value, str) and "://" not in value and not value.startswith("pipe:"):
+                tree["data"][key] = str(Path(value).resolve())
+        if isinstance(tree.get("encoder"), str):
+            tree["encoder"] = str(Path(tree["encoder"]).resolve())
     diffs: list[str] = []
     for key in keys:
         _diff(_get(saved, key), _get(now, key), key, diffs)
