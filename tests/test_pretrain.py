@@ -216,6 +216,7 @@ def test_ray_two_workers_uneven_shards_survive_a_killed_worker(shards, ray_clust
 
 @pytest.mark.slow
 def test_ray_worker_killed_from_outside_by_pid(shards, ray_cluster, tmp_path):
+    import ray
     from ray.util.state import list_actors
 
     run = tmp_path / "outside"
@@ -228,7 +229,8 @@ def test_ray_worker_killed_from_outside_by_pid(shards, ray_cluster, tmp_path):
     while ckpt.find_latest(run / "ray" / "digits") is None and time.time() < deadline:
         time.sleep(0.2)
     assert ckpt.find_latest(run / "ray" / "digits"), "epoch 1 never finished"
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,  # ours, not a neighbour's
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(actors) == 2
     os.kill(max(a.pid for a in actors), signal.SIGKILL)
     trainer.join(timeout=300)
