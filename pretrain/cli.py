@@ -110,7 +110,11 @@ def pretrain_main(args: argparse.Namespace) -> int:
         if latest is None:
             raise UserError(f"--resume {out}: no complete checkpoint under {run_path(cfg, cfg.name)}; "
                             "run without --resume to start anew")
-        ckpt.check_arch(ckpt.read_meta(latest).get("arch", {}), arch_of(cfg, manifest), latest)
+        meta = ckpt.read_meta(latest)
+        ckpt.check_arch(meta.get("arch", {}), arch_of(cfg, manifest), latest)
+        if meta["epoch"] > cfg.pretrain.epochs:
+            raise UserError(f"--resume {out}: its checkpoint is at epoch {meta['epoch']} but pretrain.epochs="
+                            f"{cfg.pretrain.epochs}: set pretrain.epochs to {meta['epoch']} or more")
     save_config(cfg, out / "config.yaml")
 
     result = run_training(train_loop, {"cfg": cfg}, cfg, local=local, name=cfg.name,

@@ -130,6 +130,8 @@ def test_local_run_resume_is_exact_and_survives_interrupted_checkpoint(shards, t
     before = (stopped / "metrics.jsonl").read_text()
     assert cli(["--local", "--resume", str(stopped), "model.timm_kwargs={channels: [8, 16, 32, 32]}"]) == 2
     assert "does not match this run" in one_error_line(capsys)
+    assert cli(["--local", "--resume", str(stopped), "pretrain.epochs=3"]) == 2  # fewer epochs than trained
+    assert "set pretrain.epochs to 5 or more" in one_error_line(capsys)
     assert (stopped / "metrics.jsonl").read_text() == before
     # a fresh run into a dir that holds one is refused too (it would silently resume or clobber it)
     assert cli(["--local", f"output_dir={stopped}", *common]) == 2
