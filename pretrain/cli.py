@@ -121,7 +121,8 @@ def pretrain_main(args: argparse.Namespace) -> int:
                           resume_from=latest if args.resume else None)
     if not result or result.get("status") != "ok":
         raise UserError((result or {}).get("message", "pretraining stopped without a result"))
-    print(f"pretrained {cfg.pretrain.epochs} epochs: encoder in {out} (knn_acc={result.get('knn_acc')})")
+    print(f"pretrained {cfg.pretrain.epochs} epochs: encoder in {out} (knn_acc={result.get('knn_acc')}, "
+          f"skipped samples {result.get('skipped_samples', 0)}, non-finite steps {result.get('nonfinite_steps', 0)})")
     return 0
 
 

@@ -76,7 +76,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     # ---- resume: Ray's own checkpoint after a restart, --resume's, or one written to storage but not yet
     # registered when a worker died (the CLI refuses fresh runs over old checkpoints, so all are this run's)
-    start_epoch, step, nonfinite_total, last_knn, wandb_id = 0, 0, 0, None, None
+    start_epoch, step, nonfinite_total, skipped_total, last_knn, wandb_id = 0, 0, 0, 0, None, None
     arch = arch_of(cfg, manifest)
     candidates = (sess.get_checkpoint(), config.get("resume_from"), ckpt.find_latest(config["run_path"]))
     resume = max(candidates, key=ckpt.epoch_of)
@@ -88,7 +88,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         ckpt.set_rng_state(state["rng"])
         meta = state["meta"]
         start_epoch, step = meta["epoch"], meta["step"]
-        nonfinite_total, last_knn, wandb_id = meta.get("nonfinite_total", 0), meta.get("knn_acc"), meta.get("wandb_id")
+        if meta.get("world_size") != world:  # another worker count splits epochs into other step counts
+            step = start_epoch * steps_per_epoch
+        nonfinite_total, skipped_total = meta.get("nonfinite_total", 0), meta.get("skipped_total", 0)
+        last_knn, wandb_id = meta.get("knn_acc"), meta.get("wandb_id")
     if rank == 0:
         _truncate_metrics(out / METRICS, start_epoch)
         (out / "encoder.json").unlink(missing_ok=True)  # a stale done-marker must not outlive more training
@@ -167,7 +170,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - t_epoch
         loss_sum, loss_n, data_wait, skipped, seconds_sum = reduce_sums(
             [loss_sum, loss_n, data_wait, loader.skipped - skipped_before, seconds], device, sess.distributed and world > 1)
-        done = epoch + 1
+        done, skipped_total = epoch + 1, skipped_total + int(skipped)
         record: dict[str, Any] = {
             "epoch": done,
             "step": step,
@@ -193,7 +196,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
         if done % p.checkpoint_every == 0 or done == p.epochs:
             meta = {"epoch": done, "step": step, "data_position": {"epoch": done, "batch": 0, "seed": p.seed},
-                    "arch": arch, "nonfinite_total": nonfinite_total, "knn_acc": last_knn,
+                    "arch": arch, "nonfinite_total": nonfinite_total, "skipped_total": skipped_total, "knn_acc": last_knn,
                     "world_size": world, "global_batch": p.batch_size, "wandb_id": tracker.run_id}
             with tempfile.TemporaryDirectory(prefix="selfsup-ckpt-") as tmp:
                 if rank == 0:
@@ -210,10 +213,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         path = save_encoder(out, unwrap(model), meta)
         files = [out / "encoder.safetensors", out / "head.safetensors", out / "encoder.json"]
         tracker.log_artifact(f"{cfg.name}-encoder", "model", [f for f in files if f.exists()], metadata=meta)
-        tracker.summary({"knn_acc": last_knn, "nonfinite_steps": nonfinite_total})
+        tracker.summary({"knn_acc": last_knn, "nonfinite_steps": nonfinite_total, "skipped_samples": skipped_total})
         sess.log(f"[pretrain] encoder written to {path} (knn_acc={_fmt(last_knn)})")
     tracker.finish()
-    return {"status": "ok", "epochs": p.epochs, "knn_acc": last_knn, "start_epoch": start_epoch}
+    return {"status": "ok", "epochs": p.epochs, "knn_acc": last_knn, "start_epoch": start_epoch,
+            "skipped_samples": skipped_total, "nonfinite_steps": nonfinite_total}
 
 
 # ------------------------------------------------------------------ helpers

@@ -8,6 +8,7 @@ Tiny model (narrow ResNet-18, default stem: 16 px -> 4 px after the stem) so an 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -155,6 +156,30 @@ def test_nonfinite_loss_is_skipped_counted_then_stops_keeping_last_checkpoint(sh
     assert state["meta"]["nonfinite_total"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert not (run / "encoder.json").exists()
+
+
+def test_corrupt_sample_is_skipped_and_counted(shards, tmp_path, capsys):
+    """A sample with garbage image bytes costs one sample, not the run; the count reaches metrics.jsonl."""
+    import shutil
+    import tarfile
+
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    first = bad / json.loads((bad / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".png"))
+    with tarfile.open(first, "w") as tar:
+        for m, data in members:
+            if m.name == victim:
+                data = b"not a png at all"
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    run = tmp_path / "run"
+    assert cli(["--local", f"output_dir={run}", f"data.shards={bad}", *TINY, "pretrain.epochs=1"]) == 0
+    skipped = metrics(run)[0]["skipped_samples"]
+    assert skipped >= 1  # once, or again when the equal-batches wrap-around rereads it
+    assert f"skipped samples {skipped}" in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line(shards, tmp_path, capsys):
