@@ -30,25 +30,23 @@ def free_port() -> int:
 
 
 def _pids_using(marker: str) -> list[int]:
-    """Every process whose command line mentions `marker` (our head's temp dir), and their children."""
-    pids = set()
+    """Every process whose command line mentions `marker` (our head's temp dir), and all their descendants
+    (workers rename themselves `ray::...`; job drivers are their children)."""
+    cmd, parent = {}, {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.add(int(d.name))
-            except OSError:
-                continue
-    children = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd[int(d.name)] = (d / "cmdline").read_bytes().decode(errors="replace")
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            if ppid in pids:
-                children.add(int(d.name))
-    return sorted((pids | children) - {os.getpid()})
+    pids = {p for p, c in cmd.items() if marker in c}
+    while True:
+        more = {p for p, pp in parent.items() if pp in pids} - pids
+        if not more:
+            break
+        pids |= more
+    return sorted(pids - {os.getpid()})
 
 
 def _kill_all(marker: str) -> None:
