@@ -10,8 +10,6 @@ import pytest
 
 from cluster.cli import main
 
-pytestmark = pytest.mark.slow
-
 
 def tiny(tmp: Path) -> list[str]:
     """The digits pipeline on a tiny budget, in local mode (no Ray: that path is tested in test_submit)."""
@@ -36,6 +34,7 @@ def epochs_in(metrics: Path) -> list[int]:
     return [json.loads(ln)["epoch"] for ln in metrics.read_text().splitlines() if ln.strip()]
 
 
+@pytest.mark.slow
 def test_pipeline_runs_skips_forces_and_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     run_dir = tmp_path / "run"
@@ -96,3 +95,29 @@ def test_force_unknown_stage_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--force everything" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("uri", [False, True], ids=["path", "file-uri"])
+def test_force_pretrain_moves_checkpoints_aside(tmp_path, uri):
+    """--force pretrain must clear the run's checkpoints (else pretraining refuses to start over them), keeping
+    them: under superseded/ for a local storage_path, renamed in place for a URI (file:// here, s3:// alike)."""
+    from cluster.pipeline import _set_aside
+    from pretrain.config import load_config
+
+    storage = tmp_path / "store"
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}",
+                             f"trainer.storage_path={'file://' if uri else ''}{storage}"])
+    ckpt = storage / "digits" / "checkpoint_epoch_000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "encoder.json").write_text("{}")
+    _set_aside("pretrain", cfg)
+    assert not (storage / "digits").exists() and not (tmp_path / "run" / "encoder.json").exists()
+    [old] = (tmp_path / "run" / "superseded").glob("pretrain-*")
+    assert (old / "encoder.json").is_file()
+    if uri:
+        [moved] = storage.glob("digits.superseded-*")
+    else:
+        moved = old / "checkpoints"
+    assert (moved / "checkpoint_epoch_000001" / "state.json").is_file()
