@@ -104,14 +104,15 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 
 def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment, *, epochs: int,
-                     batch_size: int, lr: float, weight_decay: float, seed: int,
-                     device: str | torch.device = "cpu") -> dict[str, float]:
+                     batch_size: int, lr: float, weight_decay: float, seed: int, rank: int = 0,
+                     world_size: int = 1, device: str | torch.device = "cpu") -> dict[str, float]:
     """Cross-entropy on augmented labeled images for a fixed budget: `epochs` passes over the subset
-    (at least one step per epoch), cosine lr with a short warmup. Nothing here looks at the test split."""
+    (at least one step per epoch), cosine lr with a short warmup. Nothing here looks at the test split.
+    Every rank draws the same batch (same seed) and trains on its `rank::world_size` share of it."""
     n = images.shape[0]
     bs = min(batch_size, n)
     steps = max(epochs, math.ceil(epochs * n / bs))
-    warmup = max(1, steps // 20)
+    warmup = max(1, steps // 10)
     g = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, lr, weight_decay)
     model.to(device).train()
@@ -119,7 +120,7 @@ def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     for step in range(steps):
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=g), 0
-        idx = order[pos:pos + bs]
+        idx = order[pos:pos + bs][rank::world_size]
         pos += bs
         x = augment(images[idx].to(device))
         loss = F.cross_entropy(model(x), labels[idx].to(device))

@@ -24,7 +24,8 @@ def finetune_main(args: argparse.Namespace) -> int:
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a classifier directory written by `selfsup finetune`")
+    p.add_argument("model", help="a classifier dir (<output_dir>/classifiers/<method>-<fraction>) or a fine-tuning "
+                   "output_dir (then its classifier trained on the most labels)")
     p.add_argument("images", nargs="+", help="image files")
 
 

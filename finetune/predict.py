@@ -57,9 +57,25 @@ def save_classifier(out_dir: str | Path, state: dict[str, torch.Tensor], arch: d
     return out
 
 
+def resolve_model_dir(model_dir: str | Path) -> Path:
+    """A classifier dir as given, or, for a fine-tuning output_dir, its classifier with the most labels."""
+    d = Path(model_dir)
+    if (d / META).is_file() or not (d / "classifiers").is_dir():
+        return d
+    found = []
+    for c in (d / "classifiers").iterdir():
+        try:
+            found.append((float(json.loads((c / META).read_text())["label_fraction"]), c))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not found:
+        raise UserError(f"no classifier under {d / 'classifiers'}: rerun `selfsup finetune`")
+    return max(found)[1]
+
+
 def load_classifier(model_dir: str | Path):
     """-> (model in eval mode, meta). Weights come from safetensors only, loaded strictly."""
-    d = Path(model_dir)
+    d = resolve_model_dir(model_dir)
     if not d.is_dir():
         raise UserError(f"classifier not found at {d}: pass a directory under <output_dir>/classifiers/ "
                         "written by `selfsup finetune`")
@@ -108,7 +124,7 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
 
 
 def predict_files(model_dir: str | Path, images: list[str]) -> list[tuple[str, str]]:
-    """[(path, class name)] for each image file."""
+    """[(path, class name)] for each image file. `model_dir`: a classifier dir or a fine-tuning output_dir."""
     model, meta = load_classifier(model_dir)
     pre = meta["preprocessing"]
     batch = torch.stack([load_image(p, int(pre["image_size"]), int(pre["channels"])) for p in images])

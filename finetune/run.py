@@ -1,10 +1,11 @@
 """`selfsup finetune`: every method on every labeled fraction and seed, then the report.
 
 Order of work, top to bottom: read the shards' manifest and the encoder (refusing one that does not fit
-the data), load the train and test splits, encode them once for the frozen methods; then for each fraction
-(+ 1.0 for `full_fraction_methods`), each seed's labeled subset, each method: train on the subset only,
-evaluate on the test split, time it. Every method has a fixed budget, so nothing is ever chosen by looking
-at the test split. Finally the report (json, md, png), the best classifier per fraction, and W&B.
+the data), load the train and test splits, draw each seed's labeled subset (train keys only, never a test
+key); run the cheap methods here (pixels, and knn/linear on features encoded once), the trained ones
+(scratch, finetune, semi) through `pretrain.launch.run_training` (in-process or Ray Train); then the report
+(json, md, png), the best classifier per fraction, and W&B. Every method has a fixed budget, so nothing is
+ever chosen by looking at the test split.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from finetune.linear import encode, knn_method_predict, linear_predict
 from finetune.pixels import pixels_predict
 from finetune.predict import save_classifier
 from finetune.report import build_report, result_row, table_rows, write_report
-from finetune.semi import fixmatch
 from finetune.subsets import FULL, check_disjoint, fractions_to_run, labeled_subset, subset_seed
+from finetune.supervised import TRAINED, supervised_loop
 from pretrain.config import METHODS, Config, save_config
 from pretrain.errors import UserError
+from pretrain.launch import run_training
 from pretrain.model import check_compatible, load_encoder
-from pretrain.reader import ShardLoader, load_split
+from pretrain.reader import load_split
 from pretrain.shards import read_manifest
 from pretrain.tracking import init_tracking
 
@@ -48,18 +50,18 @@ def plan(cfg: Config, manifest: dict) -> list[tuple[float, list[str], int]]:
     return out
 
 
+def unlabeled_splits(manifest: dict) -> tuple[str, ...]:
+    """The splits semi-supervised training reads without labels: train + unlabeled, never test."""
+    return tuple(s for s in ("train", "unlabeled") if manifest["splits"].get(s, {}).get("count", 0) > 0)
+
+
 def run_finetune(cfg: Config) -> dict[str, Any]:
     ft = cfg.finetune
     out_dir = Path(cfg.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output_dir {out_dir} is a file: set output_dir to a directory")
-    for m in ft.methods:
-        if m not in METHODS:
-            raise UserError(f"finetune.methods: unknown method {m!r} (valid: {', '.join(METHODS)})")
     if not ft.methods:
         raise UserError("finetune.methods is empty: name at least one of " + ", ".join(METHODS))
-    torch.set_num_threads(cfg.trainer.torch_threads or os.cpu_count() or 1)
-    device = torch.device("cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu")
 
     manifest = read_manifest(cfg.data.shards)
     backbone = head = meta = None
@@ -77,116 +79,96 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     index = {k: i for i, k in enumerate(train_keys)}
     test_np = test_y.numpy()
     arch = clf.architecture(meta, len(classes), ft.start_from) if meta else None
-
-    feats: dict[str, torch.Tensor] = {}
-    timing: dict[tuple[str, float], float] = defaultdict(float)
-    encode_s = 0.0
-    if any(m in ("knn", "linear") for _, ms, _ in jobs for m in ms):
-        t = time.perf_counter()
-        feats = {"train": encode(backbone, train_x, mean, std, device=device),
-                 "test": encode(backbone, test_x, mean, std, device=device)}
-        encode_s = time.perf_counter() - t  # one forward pass shared by knn and linear on every subset
-    augs = {}
-    if arch is not None:
-        augs = {name: clf.make_augment(a, size, mean, std, device) for name, a in (
-            ("mild", clf.mild_augment(cfg.augment)), ("weak", clf.weak_augment(cfg.augment)), ("strong", cfg.augment))}
-
     tracker = init_tracking(cfg, "finetune", out_dir)
-    accs: dict[tuple[str, float], list[float]] = defaultdict(list)
-    n_labels: dict[float, int] = {}
-    best: dict[float, dict[str, Any]] = {}
-    extra: dict[str, list] = defaultdict(list)
-    step = 0
+
+    # ---- the labeled subsets: train keys only, checked against the test keys
+    subsets = []
     for fraction, methods, seeds in jobs:
         for s in range(seeds):
             keys = labeled_subset(cfg.data.shards, manifest, fraction, s, train_keys, train_y.tolist())
             check_disjoint(keys, test_keys)
-            idx = torch.tensor([index[k] for k in keys])
-            xl, yl = train_x[idx], train_y[idx]
-            n_labels[fraction] = len(keys)
-            seed = subset_seed(manifest, s)
-            tuned, tuned_s = None, 0.0  # this subset's fine-tuned model: `semi` starts from it
-            for method in methods:
-                torch.manual_seed(seed)
-                t = time.perf_counter()
-                model, reused = None, False
-                if method == "pixels":
-                    pred = pixels_predict(xl, yl, test_x, seed)
-                elif method == "knn":
-                    pred = knn_method_predict(feats["train"][idx], yl, feats["test"], len(classes))
-                elif method == "linear":
-                    pred = linear_predict(feats["train"][idx], yl, feats["test"], seed)
-                elif method == "scratch":
-                    model = clf.build_classifier(arch)
-                    clf.train_supervised(model, xl, yl, augs["mild"], **_budget(ft, fraction), seed=seed, device=device)
-                else:  # finetune, semi
-                    reused = tuned is not None
-                    if tuned is None:
-                        tuned = clf.build_classifier(arch, copy.deepcopy(backbone), copy.deepcopy(head))
-                        clf.train_supervised(tuned, xl, yl, augs["mild"], **_budget(ft, fraction), seed=seed, device=device)
-                        tuned_s = time.perf_counter() - t
-                    model = tuned
-                    if method == "semi":
-                        model = copy.deepcopy(tuned)
-                        stats = fixmatch(model, xl, yl, _unlabeled(cfg, manifest, seed), augs["weak"], augs["strong"],
-                                         epochs=ft.semi_epochs, batch_size=ft.batch_size, lr=ft.semi_lr,
-                                         weight_decay=ft.weight_decay, threshold=ft.threshold, seed=seed, device=device)
-                        extra["semi_mask_rate"].append(round(stats["mask_rate"], 4))
-                if model is not None:
-                    pred = clf.predict_logits(model, test_x, mean, std, device=device).argmax(1).numpy()
-                acc = float((np.asarray(pred) == test_np).mean())
-                elapsed = time.perf_counter() - t
-                # semi's cost includes the fine-tuning it starts from, even when `finetune` paid for it first
-                timing[(method, fraction)] += elapsed + (tuned_s if method == "semi" and reused else 0.0)
-                accs[(method, fraction)].append(acc)
-                tracker.log({f"{method}/acc@{fraction:g}": acc, "seed": s}, step=step)
-                step += 1
-                print(f"{method:>8}  fraction {fraction:<5g} seed {s}  labels {len(keys):>5}  "
-                      f"acc {acc:.4f}  ({elapsed:.1f}s)", flush=True)
-                if method in ("finetune", "semi") and (fraction not in best or acc > best[fraction]["accuracy"]):
-                    # which model to ship is chosen on the test split; the reported numbers are not
-                    best[fraction] = {"accuracy": acc, "method": method, "seed": s, "pred": np.asarray(pred),
-                                      "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            subsets.append({"fraction": fraction, "seed_index": s, "seed": subset_seed(manifest, s), "keys": keys,
+                            "methods": methods})
+    n_labels = {j["fraction"]: len(j["keys"]) for j in subsets}
 
-    rows = [result_row(m, f, n_labels[f], a, timing[(m, f)]) for (m, f), a in accs.items()]
+    # ---- cheap methods, here: pixels, and knn/linear on features encoded once for every subset
+    results: list[dict[str, Any]] = []
+    encode_s = 0.0
+    if any(m in ("knn", "linear") for j in subsets for m in j["methods"]):
+        t = time.perf_counter()
+        feats = {"train": encode(backbone, train_x, mean, std), "test": encode(backbone, test_x, mean, std)}
+        encode_s = time.perf_counter() - t
+    for job in subsets:
+        idx = torch.tensor([index[k] for k in job["keys"]])
+        xl, yl = train_x[idx], train_y[idx]
+        for method in [m for m in job["methods"] if m not in TRAINED]:
+            t = time.perf_counter()
+            if method == "pixels":
+                pred = pixels_predict(xl, yl, test_x, job["seed"])
+            elif method == "knn":
+                pred = knn_method_predict(feats["train"][idx], yl, feats["test"], len(classes))
+            else:
+                pred = linear_predict(feats["train"][idx], yl, feats["test"], job["seed"])
+            results.append({"method": method, "fraction": job["fraction"], "seed_index": job["seed_index"],
+                            "accuracy": float((pred == test_np).mean()), "seconds": time.perf_counter() - t})
+            _echo(results[-1], len(idx))
+
+    # ---- trained methods: in this process, or on Ray Train workers (finetune.num_workers >= 2)
+    trained = [{**j, "methods": [m for m in j["methods"] if m in TRAINED]} for j in subsets]
+    trained = [j for j in trained if j["methods"]]
+    best: dict[float, dict[str, Any]] = {}
+    if trained:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.trainer.num_workers = ft.num_workers
+        # small batches of small images gain little from intra-op threads, and spinning OpenMP threads
+        # on a busy machine cost 10x: half the cores by default (trainer.torch_threads overrides)
+        run_cfg.trainer.torch_threads = cfg.trainer.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+        unlabeled_total = sum(manifest["splits"][s]["count"] for s in unlabeled_splits(manifest))
+        out = run_training(supervised_loop, {
+            "cfg": cfg, "jobs": trained, "arch": arch, "mean": mean, "std": std, "image_size": size,
+            "unlabeled_splits": unlabeled_splits(manifest),
+            "unlabeled_batch": max(1, min(ft.batch_size * ft.unlabeled_ratio, unlabeled_total)),
+        }, run_cfg, local=ft.num_workers < 2, name=f"{cfg.name}-finetune")
+        results += out["results"]
+        best = out["best"]
+
+    # ---- rows, the shipped classifiers, the report
+    accs: dict[tuple[str, float], list[float]] = defaultdict(list)
+    secs: dict[tuple[str, float], float] = defaultdict(float)
+    for step, r in enumerate(sorted(results, key=lambda r: (r["fraction"], r["seed_index"]))):
+        accs[(r["method"], r["fraction"])].append(r["accuracy"])
+        secs[(r["method"], r["fraction"])] += r["seconds"]
+        tracker.log({f"{r['method']}/acc@{r['fraction']:g}": r["accuracy"]}, step=step)
+    shared = [m for m in ("knn", "linear") if any(k[0] == m for k in accs)]
+    for m in shared:  # the one encoding pass, split between the frozen methods that used it
+        secs[(m, min(f for mm, f in accs if mm == m))] += encode_s / len(shared)
+    rows = [result_row(m, f, n_labels[f], a, secs[(m, f)]) for (m, f), a in accs.items()]
     saved = {}
     for fraction, b in sorted(best.items()):
-        name = f"{b['method']}-{fraction:g}"
-        saved[f"{fraction:g}"] = str(save_classifier(
-            out_dir / "classifiers" / name, b["state"], arch, classes, manifest, method=b["method"], fraction=fraction,
-            seed=b["seed"], accuracy=b["accuracy"], test_keys=test_keys, test_labels=test_np, test_pred=b["pred"]))
+        state = {k: torch.from_numpy(v) for k, v in b["state"].items()}
+        d = save_classifier(out_dir / "classifiers" / f"{b['method']}-{fraction:g}", state, arch, classes,
+                            manifest, method=b["method"], fraction=fraction, seed=b["seed_index"],
+                            accuracy=b["accuracy"], test_keys=test_keys, test_labels=test_np, test_pred=b["pred"])
+        saved[f"{fraction:g}"] = str(d)
+    mask = [r["mask_rate"] for r in results if "mask_rate" in r]
     report = build_report(
         manifest.get("source", cfg.data.source), str(Path(cfg.encoder_dir).resolve()) if meta else None, rows,
-        semi_method=ft.semi_method if "semi" in ft.methods else None, test_samples=int(len(test_keys)),
-        classes=classes, classifiers=saved, **{k: v for k, v in extra.items()},
-        start_from=ft.start_from, encode_s=round(encode_s, 2), encoder_knn_acc=(meta or {}).get("knn_acc"), shards=str(cfg.data.shards))
+        semi_method=ft.semi_method if "semi" in ft.methods else None, semi_mask_rate=mask or None,
+        start_from=ft.start_from, test_samples=len(test_keys), classes=classes, classifiers=saved,
+        encoder_knn_acc=(meta or {}).get("knn_acc"), encode_s=round(encode_s, 2), shards=str(cfg.data.shards),
+        num_workers=ft.num_workers)
     paths = write_report(report, out_dir)
     cols, table = table_rows(report)
     tracker.log_table("label_efficiency_table", cols, table)
     from PIL import Image
 
-    tracker.log_images("label_efficiency", np.asarray(Image.open(paths["png"]).convert("RGB")))
+    with Image.open(paths["png"]) as im:
+        tracker.log_images("label_efficiency", np.asarray(im.convert("RGB")))
     tracker.summary({f"{c['best']}/acc@{c['label_fraction']:g}": c["accuracy_mean"] for c in report["comparisons"]})
     tracker.finish()
     return report
 
 
-def _budget(ft, fraction: float) -> dict[str, Any]:
-    """The fixed budget of a supervised run: all-label runs get `full_epochs` passes (they see ~100x more
-    images per pass), few-label runs `epochs` passes over their subset."""
-    return {"epochs": ft.full_epochs if fraction >= FULL else ft.epochs, "batch_size": ft.batch_size,
-            "lr": ft.lr, "weight_decay": ft.weight_decay}
-
-
-def unlabeled_splits(manifest: dict) -> tuple[str, ...]:
-    """The splits semi-supervised training reads without labels: train + unlabeled, never test."""
-    return tuple(s for s in ("train", "unlabeled") if manifest["splits"].get(s, {}).get("count", 0) > 0)
-
-
-def _unlabeled(cfg: Config, manifest: dict, seed: int) -> ShardLoader:
-    """The unlabeled stream (labels ignored)."""
-    splits = unlabeled_splits(manifest)
-    total = sum(manifest["splits"][s]["count"] for s in splits)
-    batch = max(1, min(cfg.finetune.batch_size * cfg.finetune.unlabeled_ratio, total))
-    return ShardLoader(cfg.data.shards, splits=splits, batch_size=batch, seed=seed, shuffle=True,
-                       num_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer)
+def _echo(r: dict[str, Any], labels: int) -> None:
+    print(f"{r['method']:>8}  fraction {r['fraction']:<5g} seed {r['seed_index']}  labels {labels:>5}  "
+          f"acc {r['accuracy']:.4f}  ({r['seconds']:.1f}s)", flush=True)

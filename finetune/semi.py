@@ -19,7 +19,7 @@ from pretrain.optim import lr_at, set_lr
 
 def fixmatch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, unlabeled, weak, strong, *,
              epochs: int, batch_size: int, lr: float, weight_decay: float, threshold: float, seed: int, lambda_u: float = 1.0,
-             device: str | torch.device = "cpu") -> dict[str, float]:
+             rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu") -> dict[str, float]:
     """`unlabeled`: a pretrain.reader.ShardLoader (uint8 batches, labels ignored), `epochs` passes over it;
     `batch_size`: the labeled batch (the unlabeled one is the loader's).
     Returns the mean fraction of unlabeled images that passed the threshold (the pseudo-label "mask rate")."""
@@ -38,7 +38,7 @@ def fixmatch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, unlab
                 break
             if pos + bs > n:
                 order, pos = torch.randperm(n, generator=g), 0
-            idx = order[pos:pos + bs]
+            idx = order[pos:pos + bs][rank::world_size]  # every rank its share of the same batch
             pos += bs
             ux = ux.to(device)
             with torch.no_grad():  # pseudo-labels: no gradient flows through the weak view (FixMatch)
@@ -46,8 +46,9 @@ def fixmatch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, unlab
             conf, pseudo = probs.max(dim=1)
             mask = (conf >= threshold).float()
             logits = model(torch.cat([weak(images[idx].to(device)), strong(ux)]))
-            sup = F.cross_entropy(logits[:bs], labels[idx].to(device))
-            unsup = (F.cross_entropy(logits[bs:], pseudo, reduction="none") * mask).mean()
+            nl = len(idx)
+            sup = F.cross_entropy(logits[:nl], labels[idx].to(device))
+            unsup = (F.cross_entropy(logits[nl:], pseudo, reduction="none") * mask).mean()
             loss = sup + lambda_u * unsup
             set_lr(opt, lr_at(step, steps, 0, lr))
             opt.zero_grad(set_to_none=True)

@@ -173,6 +173,9 @@ class FinetuneConfig:
     semi_lr: float = 0.02
     threshold: float = 0.95  # FixMatch confidence for pseudo-labels
     unlabeled_ratio: int = 4  # unlabeled batch = ratio x labeled batch
+    # Ray Train workers for scratch/finetune/semi (the trainer section's other settings apply);
+    # 0 or 1 = in this process, the default: labeled subsets are small and Ray's start-up would dominate
+    num_workers: int = 0
 
     def check(self) -> None:
         for m in self.methods:
@@ -196,6 +199,7 @@ class FinetuneConfig:
         _non_negative("finetune.weight_decay", self.weight_decay)
         _non_negative("finetune.semi_epochs", self.semi_epochs)
         _positive("finetune.unlabeled_ratio", self.unlabeled_ratio)
+        _non_negative("finetune.num_workers", self.num_workers)
         if not 0 < self.threshold <= 1:
             raise UserError(f"finetune.threshold must be in (0, 1], got {self.threshold}")
 

@@ -1,0 +1,102 @@
+"""The trained methods (`scratch`, `finetune`, `semi`) for every labeled subset: one per-worker function.
+
+`supervised_loop` is what `pretrain.launch.run_training` runs: in this process when `finetune.num_workers`
+is 0 or 1 (the default: labeled subsets are small), or on that many Ray Train workers, exactly like
+pretraining. Under Ray each rank takes its share of every labeled batch and of the unlabeled stream
+(`ShardLoader(rank, world_size)`), DDP averages the gradients, and rank 0 evaluates and returns the results.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune import classifier as clf
+from finetune.semi import fixmatch
+from pretrain.launch import session
+from pretrain.model import load_encoder, unwrap
+from pretrain.reader import ShardLoader, load_split
+
+TRAINED = ("scratch", "finetune", "semi")
+
+
+def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """config: cfg, jobs [{fraction, seed_index, seed, keys, methods}], arch, mean, std, image_size.
+    Returns (rank 0) {"results": [{method, fraction, seed_index, accuracy, pred, seconds}], "best": {...}}."""
+    cfg, ft = config["cfg"], config["cfg"].finetune
+    sess = session()
+    rank, world, device = sess.rank, sess.world_size, sess.device
+    mean, std, size, arch = config["mean"], config["std"], config["image_size"], config["arch"]
+
+    train_x, train_y, train_keys = load_split(cfg.data.shards, "train")
+    test_x, test_y, _ = load_split(cfg.data.shards, "test")
+    index = {k: i for i, k in enumerate(train_keys)}
+    backbone, head, _ = load_encoder(cfg.encoder_dir, with_head=True)
+    augs = {name: clf.make_augment(a, size, mean, std, device) for name, a in (
+        ("mild", clf.mild_augment(cfg.augment)), ("weak", clf.weak_augment(cfg.augment)), ("strong", cfg.augment))}
+    budget = {"batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay, "rank": rank,
+              "world_size": world, "device": device}
+
+    def fit(model: torch.nn.Module, xl, yl, seed: int, fraction: float) -> torch.nn.Module:
+        model = _distribute(model.to(device), sess)
+        epochs = ft.full_epochs if fraction >= 1 else ft.epochs
+        clf.train_supervised(model, xl, yl, augs["mild"], epochs=epochs, seed=seed, **budget)
+        return model
+
+    results, best = [], {}
+    for job in config["jobs"]:
+        idx = torch.tensor([index[k] for k in job["keys"]])
+        xl, yl, seed, fraction = train_x[idx], train_y[idx], job["seed"], job["fraction"]
+        tuned, tuned_s = None, 0.0  # this subset's fine-tuned model: `semi` starts from it
+        for method in job["methods"]:
+            torch.manual_seed(seed)
+            t = time.perf_counter()
+            reused = tuned is not None
+            if method == "scratch":
+                model = fit(clf.build_classifier(arch), xl, yl, seed, fraction)
+            else:
+                if tuned is None:
+                    tuned = fit(clf.build_classifier(arch, copy.deepcopy(backbone), copy.deepcopy(head)),
+                                xl, yl, seed, fraction)
+                    tuned_s = time.perf_counter() - t
+                model = tuned
+                if method == "semi":
+                    model = _distribute(copy.deepcopy(unwrap(tuned)), sess)
+                    loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],
+                                         batch_size=max(1, config["unlabeled_batch"] // world), rank=rank,
+                                         world_size=world, seed=seed, num_workers=cfg.data.loader_workers,
+                                         shuffle_buffer=cfg.data.shuffle_buffer)
+                    stats = fixmatch(model, xl, yl, loader, augs["weak"], augs["strong"], epochs=ft.semi_epochs,
+                                     batch_size=ft.batch_size, lr=ft.semi_lr, weight_decay=ft.weight_decay,
+                                     threshold=ft.threshold, seed=seed, rank=rank, world_size=world, device=device)
+            pred = clf.predict_logits(unwrap(model), test_x, mean, std, device=device).argmax(1).numpy()
+            acc = float((pred == test_y.numpy()).mean())
+            # semi's cost includes the fine-tuning it starts from, even when `finetune` paid for it first
+            seconds = time.perf_counter() - t + (tuned_s if method == "semi" and reused else 0.0)
+            row = {"method": method, "fraction": fraction, "seed_index": job["seed_index"], "accuracy": acc,
+                   "pred": pred.astype(np.int64), "seconds": seconds}
+            if method == "semi":
+                row["mask_rate"] = round(stats["mask_rate"], 4)
+            results.append(row)
+            if rank == 0:
+                print(f"{method:>8}  fraction {fraction:<5g} seed {job['seed_index']}  labels {len(idx):>5}  "
+                      f"acc {acc:.4f}  ({seconds:.1f}s)", flush=True)
+            if method in ("finetune", "semi") and (fraction not in best or acc > best[fraction]["accuracy"]):
+                # which model to ship is chosen on the test split; the reported numbers are not
+                # numpy, not tensors: Ray Train cannot return tensors from a worker
+                best[fraction] = {**row, "state": {k: v.detach().cpu().numpy().copy()
+                                                   for k, v in unwrap(model).state_dict().items()}}
+    return {"results": results, "best": best}
+
+
+def _distribute(model: torch.nn.Module, sess) -> torch.nn.Module:
+    """DDP under Ray Train (gradients averaged over ranks); the plain model in-process."""
+    if not getattr(sess, "distributed", False) or sess.world_size < 2:
+        return model
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(unwrap(model), move_to_device=True)
