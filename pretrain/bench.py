@@ -426,7 +426,7 @@ def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, m
     return {"workers": max(1, workers), "threads_per_worker": threads, "images_per_s": b.batch / step,
             "steps_per_s": 1 / step, "data_s": median(r["data_s"]),
             "launch_to_first_step_s": r["first_step_at"] - launched, "runs_s": r["step_s"],
-            "model_runs_s": r["model_s"]}
+            "model_runs_s": r["model_s"], "data_runs_s": r["data_s"]}
 
 
 # ------------------------------------------------------------------ running
@@ -458,6 +458,7 @@ def run_bench(b: Bench, parts: list[str], log: Callable[[str], None] = print) ->
             torch.set_num_threads(b.threads)
         if "end_to_end" in parts:
             model_runs = local.pop("model_runs_s")
+            local_data_runs = local.pop("data_runs_s")
             results["model"] = {"images_per_s": b.batch / median(model_runs), "steps_per_s": 1 / median(model_runs),
                                 "views_per_step": 2 * b.batch, "runs_s": model_runs,
                                 "measured": "alternating with end_to_end steps, same process and model"}
@@ -467,6 +468,9 @@ def run_bench(b: Bench, parts: list[str], log: Callable[[str], None] = print) ->
             pairs = [m / s for m, s in zip(model_runs, e2e["runs_s"])]
             e2e["pipeline_efficiency"] = median(pairs)
             e2e["pipeline_efficiency_pairs"] = pairs
+            # the cross-check that load swings cannot move: the share of each end-to-end step not spent getting
+            # its views (equal to pipeline_efficiency when the model's own speed holds still)
+            e2e["compute_share"] = median([(s - d) / s for s, d in zip(e2e["runs_s"], local_data_runs)])
             results["end_to_end"] = e2e
         if {"ray", "scaling"} & set(parts):
             results.update(_ray_parts(b, parts, local, tmp, log))
@@ -572,6 +576,7 @@ def table(r: dict) -> str:
         add("end_to_end", "steps with the real loader", e["steps_per_s"], "steps/s")
         add("end_to_end", "images", e["images_per_s"], "img/s (2 views)")
         add("end_to_end", "pipeline_efficiency", e["pipeline_efficiency"], "(end-to-end / model)")
+        add("end_to_end", "compute_share", e["compute_share"], "(step time not spent getting views)")
     if "ray" in r:
         y = r["ray"]
         add("ray", "Ray Train, 1 worker", y["ray_images_per_s"], "img/s")

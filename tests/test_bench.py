@@ -59,7 +59,8 @@ def test_cheap_parts_and_end_to_end(tmp_path, capsys):
     assert r["decode"]["images"] == 50
     assert {"images_per_s", "steps_per_s"} <= set(r["model"])
     e = r["end_to_end"]
-    assert {"steps_per_s", "images_per_s", "pipeline_efficiency", "data_s", "launch_to_first_step_s"} <= set(e)
+    assert {"steps_per_s", "images_per_s", "pipeline_efficiency", "compute_share", "data_s",
+            "launch_to_first_step_s"} <= set(e)
     pairs = [m / s for m, s in zip(r["model"]["runs_s"], e["runs_s"])]
     assert len(pairs) == 2 and e["pipeline_efficiency"] == pytest.approx(sorted(pairs)[0] / 2 + sorted(pairs)[1] / 2)
     for name in ("loader", "decode", "model", "end_to_end"):
