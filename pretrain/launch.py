@@ -214,9 +214,17 @@ def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, n
 
 def _root_cause(e: Exception) -> str:
     """One line for the user: the first worker's own error, not Ray's wrapper text."""
+    from ray.exceptions import RayActorError
+
+    def died(err: BaseException) -> bool:  # Train V2 reports a dead worker as a failed health check
+        return isinstance(err, RayActorError) or type(err).__name__ == "WorkerHealthCheckFailedError"
+
     failures = getattr(e, "worker_failures", None) or {}
-    for rank in sorted(failures):
+    # a dead worker process first: the other ranks' errors (gloo "connection reset") are its echoes
+    for rank in sorted(failures, key=lambda r: (not died(failures[r]), r)):
         err = failures[rank]
+        if died(err):
+            return f"rank {rank}'s worker process died (killed, out of memory, or its node was lost)"
         cause = getattr(err, "cause", None) or err
         return f"rank {rank}: {type(cause).__name__}: {one_line(cause)[:300]}"
     inner = getattr(e, "controller_failure", None) or e

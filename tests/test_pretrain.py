@@ -265,3 +265,15 @@ def test_ray_worker_killed_from_outside_by_pid(shards, ray_cluster, tmp_path):
     assert_run_complete(run, 2)
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     assert [e["from_epoch"] for e in events if e["event"] == "resume"] == [1]
+
+
+@pytest.mark.slow
+def test_ray_restarts_exhausted_is_one_line_naming_the_dead_worker(shards, ray_cluster, tmp_path, capsys):
+    run = tmp_path / "exhausted"
+    argv = [f"output_dir={run}", f"data.shards={shards}", *TINY, "trainer.num_workers=2", "trainer.max_failures=0",
+            "pretrain.epochs=1", "fault.kill_rank=1", "fault.at_step=3"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # Ray streams the workers' logs to stderr too
+    assert [x for x in err if x.startswith("error: ")] == err[-1:]
+    assert "training failed after 0 restart(s): rank 1's worker process died" in err[-1]
+    assert not (run / "encoder.json").exists()
