@@ -69,10 +69,7 @@ def pretrain_main(args: argparse.Namespace) -> int:
     """Train SimCLR (Ray Train, or in-process with --local); `--resume RUN_DIR` continues a run."""
     from pathlib import Path
 
-    from pretrain import checkpoint as ckpt
     from pretrain.config import load_config, save_config
-    from pretrain.launch import run_path, run_training
-    from pretrain.loop import arch_of, per_rank_batch, train_loop
     from pretrain.shards import read_manifest
 
     if args.resume:
@@ -100,6 +97,11 @@ def pretrain_main(args: argparse.Namespace) -> int:
         cfg.data.shards = str(Path(cfg.data.shards).resolve())
 
     manifest = read_manifest(cfg.data.shards)
+    # torch, Ray and lightly load only once the config and the shards are known to be good
+    from pretrain import checkpoint as ckpt
+    from pretrain.launch import check_reachable, run_path, run_training
+    from pretrain.loop import arch_of, per_rank_batch, train_loop
+
     local = args.local or cfg.trainer.num_workers == 0
     per_rank_batch(cfg.pretrain.batch_size, 1 if local else cfg.trainer.num_workers, manifest, cfg.data.shards)
     latest = ckpt.find_latest(run_path(cfg, cfg.name))
@@ -115,6 +117,9 @@ def pretrain_main(args: argparse.Namespace) -> int:
         if meta["epoch"] > cfg.pretrain.epochs:
             raise UserError(f"--resume {out}: its checkpoint is at epoch {meta['epoch']} but pretrain.epochs="
                             f"{cfg.pretrain.epochs}: set pretrain.epochs to {meta['epoch']} or more")
+    address = cfg.trainer.address or os.environ.get("RAY_ADDRESS")
+    if address and not local:
+        check_reachable(address)  # before anything is written: a typo in the address changes no file
     save_config(cfg, out / "config.yaml")
 
     result = run_training(train_loop, {"cfg": cfg}, cfg, local=local, name=cfg.name,

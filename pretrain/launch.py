@@ -169,6 +169,8 @@ def run_training(loop_fn: Callable[[dict], Any], loop_config: dict[str, Any], cf
     global _LOCAL
     config = {**loop_config, "run_path": run_path(cfg, name), "resume_from": resume_from}
     if local or cfg.trainer.num_workers == 0:
+        if config["run_path"].startswith("file://"):
+            config["run_path"] = config["run_path"][len("file://"):]
         if "://" in config["run_path"]:
             raise UserError(f"local mode writes checkpoints to a local path, got trainer.storage_path="
                             f"{cfg.trainer.storage_path}: use a directory, or run under Ray")
@@ -244,7 +246,7 @@ def init_ray(cfg: Any) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.trainer.address or os.environ.get("RAY_ADDRESS")
     if address:
-        _check_reachable(address)
+        check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as e:  # ConnectionError, RuntimeError, AuthenticationError, ...
@@ -285,7 +287,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """Fail in seconds with one line, instead of Ray's long retry loop, when nothing listens there."""
     if address == "auto":
         return
