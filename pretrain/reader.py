@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.filters import shuffle as wds_shuffle
-from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys
 
 from pretrain.errors import UserError
@@ -235,17 +234,6 @@ def split_shards(shards_dir: str, manifest: dict, splits: Sequence[str]) -> list
     return shards
 
 
-def open_url(url: str):
-    """A binary stream for a local path or any URL: webdataset's `gopen` for the schemes it knows
-    (`pipe:`, `file://`, http(s), gs, ...), fsspec for the others (`s3://`, `memory://`, ...)."""
-    scheme = url.split(":", 1)[0] if _URL.match(url) else ""
-    if scheme and len(scheme) > 1 and scheme not in ("file", *gopen_schemes):
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
-    return gopen(url, "rb")
-
-
 # ------------------------------------------------------------------ planning
 
 
@@ -411,6 +399,8 @@ def _samples(shard: _Shard, skips: Counter, keys: frozenset | None = None, start
     def handler(exn: Exception) -> bool:
         errors.append(exn)
         return True
+
+    from pretrain.shards import open_url  # the one opener of manifests and shards, local or URL
 
     position = 0
     try:

@@ -118,15 +118,29 @@ def shard_url(shards_dir: str | os.PathLike, relpath: str) -> str:
     return os.path.join(base, rel)
 
 
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:..., file://..., s3://...
+
+
+def open_url(url: str):
+    """A binary stream for a local path or any URL: webdataset's `gopen` for the schemes it knows
+    (`pipe:`, `file://`, http(s), gs, ...), fsspec for the others (`s3://`, `memory://`, ...)."""
+    from webdataset.gopen import gopen, gopen_schemes
+
+    scheme = url.split(":", 1)[0] if _URL.match(url) else ""
+    if scheme and len(scheme) > 1 and scheme not in ("file", *gopen_schemes):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return gopen(url, "rb")
+
+
 def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
     """The validated manifest of a complete shards dir (local or URL); a one-line UserError otherwise."""
     url = shard_url(shards_dir, MANIFEST)
     redo = f"run `selfsup shard SOURCE --out {shards_dir}` first"
     try:
         if "://" in str(shards_dir) and not str(shards_dir).startswith("file://"):
-            from webdataset.gopen import gopen
-
-            with gopen(url, "rb") as f:
+            with open_url(url) as f:
                 text = f.read().decode("utf-8")
         else:
             text = Path(url.removeprefix("file://")).read_text()
