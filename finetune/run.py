@@ -120,6 +120,8 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     if trained:
         run_cfg = copy.deepcopy(cfg)
         run_cfg.trainer.num_workers = ft.num_workers
+        if ft.num_workers < 2 and "://" in (cfg.trainer.storage_path or ""):
+            run_cfg.trainer.storage_path = None  # in-process runs keep their checkpoints beside the report
         # small batches of small images gain little from intra-op threads, and spinning OpenMP threads
         # on a busy machine cost 10x: half the cores by default (trainer.torch_threads overrides)
         run_cfg.trainer.torch_threads = cfg.trainer.torch_threads or max(1, (os.cpu_count() or 2) // 2)
