@@ -104,9 +104,9 @@ class OptimConfig:
 
 @dataclass
 class PretrainConfig:
-    epochs: int = 30
-    batch_size: int = 256  # global: split evenly over the workers
-    temperature: float = 0.5
+    epochs: int = 20  # digits: kNN plateaus ~0.96 by 15-20 epochs at temperature 0.1
+    batch_size: int = 128  # global: split evenly over the workers (digits: 11 steps/epoch)
+    temperature: float = 0.1  # digits: 0.1 gave tighter classes than 0.5 (linear probe at 15 labels)
     checkpoint_every: int = 1  # epochs
     knn_every: int = 5  # epochs; 0 = only at the end
     knn_k: int = 20
@@ -169,9 +169,9 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     start_from: Literal["head", "backbone"] = "head"  # head: keep the first projection layer (SimCLRv2)
     semi_method: Literal["fixmatch"] = "fixmatch"  # FixMatch from the fine-tuned model
-    semi_epochs: int = 2  # passes over the unlabeled stream (train + unlabeled splits)
+    semi_epochs: int = 6  # passes over the unlabeled stream (train + unlabeled splits)
     semi_lr: float = 0.02
-    threshold: float = 0.95  # FixMatch confidence for pseudo-labels
+    threshold: float = 0.9  # FixMatch confidence for pseudo-labels
     unlabeled_ratio: int = 4  # unlabeled batch = ratio x labeled batch
     # Ray Train workers for scratch/finetune/semi (the trainer section's other settings apply);
     # 0 or 1 = in this process, the default: labeled subsets are small and Ray's start-up would dominate
