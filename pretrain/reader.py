@@ -42,6 +42,7 @@ from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys
 
 from pretrain.errors import UserError
+from pretrain.shards import URL_SCHEME, open_url
 from pretrain.tarstream import iter_tar
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "gif")
 MIN_SIDE = 8  # shorter side below min(MIN_SIDE, image_size): nothing to crop from, skipped (1x1 images)
 _WARN_FIRST = 3  # warnings per reason and process before going quiet (counts keep going)
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:..., file://..., s3://...
 
 
 # ------------------------------------------------------------------ public
@@ -210,7 +210,7 @@ def read_manifest(shards_dir: str) -> dict[str, Any]:
 def resolve_shard(shards_dir: str, entry: str) -> str:
     """A manifest shard entry as a URL webdataset opens: full URLs (`pipe:...`, `s3://...`) as they are,
     relative paths joined to the manifest's dir (refusing paths that leave it)."""
-    if _URL.match(entry) and not re.match(r"^[a-zA-Z]:[\\/]", entry):  # but not C:\ drive paths
+    if URL_SCHEME.match(entry) and not re.match(r"^[a-zA-Z]:[\\/]", entry):  # but not C:\ drive paths
         return entry
     from pretrain.shards import shard_url
 
@@ -399,8 +399,6 @@ def _samples(shard: _Shard, skips: Counter, keys: frozenset | None = None, start
     def handler(exn: Exception) -> bool:
         errors.append(exn)
         return True
-
-    from pretrain.shards import open_url  # the one opener of manifests and shards, local or URL
 
     position = 0
     try:

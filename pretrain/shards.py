@@ -118,7 +118,7 @@ def shard_url(shards_dir: str | os.PathLike, relpath: str) -> str:
     return os.path.join(base, rel)
 
 
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:..., file://..., s3://...
+URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:..., file://..., s3://...
 
 
 def open_url(url: str):
@@ -126,7 +126,7 @@ def open_url(url: str):
     (`pipe:`, `file://`, http(s), gs, ...), fsspec for the others (`s3://`, `memory://`, ...)."""
     from webdataset.gopen import gopen, gopen_schemes
 
-    scheme = url.split(":", 1)[0] if _URL.match(url) else ""
+    scheme = url.split(":", 1)[0] if URL_SCHEME.match(url) else ""
     if scheme and len(scheme) > 1 and scheme not in ("file", *gopen_schemes):
         import fsspec
 
