@@ -3,7 +3,8 @@
 Order of work, top to bottom: read the shards' manifest and the encoder (refusing one that does not fit
 the data), load the train and test splits, draw each seed's labeled subset (train keys only, never a test
 key); run the cheap methods here (pixels, and knn/linear on features encoded once), the trained ones
-(scratch, finetune, semi) through `pretrain.launch.run_training` (in-process or Ray Train); then the report
+(scratch, finetune, semi) in-process, as one Ray task per labeled subset (many at once) or under Ray Train
+(`execution_mode`); then the report
 (json, md, png), the best classifier per fraction, and W&B. Every method has a fixed budget, so nothing is
 ever chosen by looking at the test split.
 """
@@ -29,7 +30,7 @@ from finetune.subsets import FULL, check_disjoint, fractions_to_run, labeled_sub
 from finetune.supervised import TRAINED, supervised_loop
 from pretrain.config import METHODS, Config, save_config
 from pretrain.errors import UserError
-from pretrain.launch import run_training
+from pretrain.launch import run_tasks, run_training
 from pretrain.model import check_compatible, load_encoder
 from pretrain.reader import load_split
 from pretrain.shards import read_manifest
@@ -53,6 +54,25 @@ def plan(cfg: Config, manifest: dict) -> list[tuple[float, list[str], int]]:
 def unlabeled_splits(manifest: dict) -> tuple[str, ...]:
     """The splits semi-supervised training reads without labels: train + unlabeled, never test."""
     return tuple(s for s in ("train", "unlabeled") if manifest["splits"].get(s, {}).get("count", 0) > 0)
+
+
+TASKS_MAX_UNLABELED = 100_000  # above this, `auto` spreads each run over DDP workers instead of one task each
+
+
+def execution_mode(cfg: Config, manifest: dict) -> tuple[str, int]:
+    """(mode, workers) for the trained methods: `finetune.parallel`, with `auto` resolved (see the config)."""
+    ft, t = cfg.finetune, cfg.trainer
+    mode = ft.parallel
+    if mode == "auto":
+        big = sum(manifest["splits"][s]["count"] for s in unlabeled_splits(manifest)) > TASKS_MAX_UNLABELED
+        mode = ("train" if ft.num_workers >= 2 else "local" if t.num_workers < 2 else "train" if big else "tasks")
+    if mode == "train":
+        workers = ft.num_workers or t.num_workers
+        if workers < 2:
+            raise UserError(f"finetune.parallel=train needs 2 or more Ray Train workers, got {workers}: set "
+                            "finetune.num_workers (or trainer.num_workers) >= 2, or finetune.parallel=local")
+        return mode, workers
+    return mode, 0
 
 
 def run_finetune(cfg: Config) -> dict[str, Any]:
@@ -113,26 +133,37 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
                             "accuracy": float((pred == test_np).mean()), "seconds": time.perf_counter() - t})
             _echo(results[-1], len(idx))
 
-    # ---- trained methods: in this process, or on Ray Train workers (finetune.num_workers >= 2)
+    # ---- trained methods: in this process, one Ray task per subset, or Ray Train DDP (see execution_mode)
     trained = [{**j, "methods": [m for m in j["methods"] if m in TRAINED]} for j in subsets]
     trained = [j for j in trained if j["methods"]]
     best: dict[float, dict[str, Any]] = {}
+    mode, workers = execution_mode(cfg, manifest)
     if trained:
         run_cfg = copy.deepcopy(cfg)
-        run_cfg.trainer.num_workers = ft.num_workers
-        if ft.num_workers < 2 and "://" in (cfg.trainer.storage_path or ""):
-            run_cfg.trainer.storage_path = None  # in-process runs keep their checkpoints beside the report
-        # small batches of small images gain little from intra-op threads, and spinning OpenMP threads
-        # on a busy machine cost 10x: half the cores by default (trainer.torch_threads overrides)
-        run_cfg.trainer.torch_threads = cfg.trainer.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+        if mode != "tasks":  # tasks: trainer.num_workers sizes the local cluster the tasks share
+            run_cfg.trainer.num_workers = workers
+        if mode != "train" and "://" in (cfg.trainer.storage_path or ""):
+            run_cfg.trainer.storage_path = None  # local-mode runs keep their checkpoints beside the report
+        if mode == "local":
+            # small batches of small images gain little from intra-op threads, and spinning OpenMP threads
+            # on a busy machine cost 10x: half the cores by default (trainer.torch_threads overrides)
+            run_cfg.trainer.torch_threads = cfg.trainer.torch_threads or max(1, (os.cpu_count() or 2) // 2)
         unlabeled_total = sum(manifest["splits"][s]["count"] for s in unlabeled_splits(manifest))
-        out = run_training(supervised_loop, {
-            "cfg": cfg, "jobs": trained, "arch": arch, "mean": mean, "std": std, "image_size": size,
-            "unlabeled_splits": unlabeled_splits(manifest),
-            "unlabeled_batch": max(1, min(ft.batch_size * ft.unlabeled_ratio, unlabeled_total)),
-        }, run_cfg, local=ft.num_workers < 2, name=f"{cfg.name}-finetune")
-        results += out["results"]
-        best = out["best"]
+        common = {"cfg": cfg, "arch": arch, "encoder": (backbone, head), "mean": mean, "std": std, "image_size": size,
+                  "unlabeled_splits": unlabeled_splits(manifest),
+                  "unlabeled_batch": max(1, min(ft.batch_size * ft.unlabeled_ratio, unlabeled_total))}
+        name = f"{cfg.name}-finetune"
+        if mode == "tasks":  # the costliest subsets first, so the last task to start is a short one
+            order = sorted(trained, key=lambda j: -len(j["keys"]) * len(j["methods"]))
+            outs = run_tasks(supervised_loop, [{**common, "jobs": [j]} for j in order], run_cfg, name)
+        else:
+            outs = [run_training(supervised_loop, {**common, "jobs": trained}, run_cfg, local=mode == "local",
+                                 name=name)]
+        for out in outs:
+            results += out["results"]
+            for fraction, b in out["best"].items():
+                if fraction not in best or b["accuracy"] > best[fraction]["accuracy"]:
+                    best[fraction] = b
 
     # ---- rows, the shipped classifiers, the report
     accs: dict[tuple[str, float], list[float]] = defaultdict(list)
@@ -153,12 +184,13 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
                             accuracy=b["accuracy"], test_keys=test_keys, test_labels=test_np, test_pred=b["pred"])
         saved[f"{fraction:g}"] = str(d)
     mask = [r["mask_rate"] for r in results if "mask_rate" in r]
+    weight = [r["model_weight"] for r in results if "model_weight" in r]
     report = build_report(
         manifest.get("source", cfg.data.source), str(Path(cfg.encoder_dir).resolve()) if meta else None, rows,
-        semi_method=ft.semi_method if "semi" in ft.methods else None, semi_mask_rate=mask or None,
+        semi_method=ft.semi_method if "semi" in ft.methods else None, semi_mask_rate=mask or None, semi_model_weight=weight or None,
         start_from=ft.start_from, test_samples=len(test_keys), classes=classes, classifiers=saved,
         encoder_knn_acc=(meta or {}).get("knn_acc"), encode_s=round(encode_s, 2), shards=str(cfg.data.shards),
-        num_workers=ft.num_workers)
+        num_workers=workers, execution=mode)
     paths = write_report(report, out_dir)
     cols, table = table_rows(report)
     tracker.log_table("label_efficiency_table", cols, table)

@@ -1,9 +1,9 @@
 """The trained methods (`scratch`, `finetune`, `semi`) for every labeled subset: one per-worker function.
 
-`supervised_loop` is what `pretrain.launch.run_training` runs: in this process when `finetune.num_workers`
-is 0 or 1 (the default: labeled subsets are small), or on that many Ray Train workers, exactly like
-pretraining. Under Ray each rank takes its share of every labeled batch and of the unlabeled stream
-(`ShardLoader(rank, world_size)`), DDP averages the gradients, and rank 0 evaluates and returns the results.
+`supervised_loop` runs in one of three ways (`finetune.run.execution_mode`): in this process; as one Ray task
+per labeled subset (`pretrain.launch.run_tasks`, each task a world of 1); or on Ray Train workers, exactly like
+pretraining (`run_training`), where each rank takes its share of every labeled and pool batch (FixMatch: of the
+unlabeled stream, `ShardLoader(rank, world_size)`), DDP averages the gradients, and rank 0's results count.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from finetune import classifier as clf
-from finetune.semi import fixmatch
+from finetune.linear import encode
+from finetune.semi import distill, fixmatch, propagate
 from pretrain.launch import session
-from pretrain.model import load_encoder, unwrap
+from pretrain.model import unwrap
 from pretrain.reader import ShardLoader, load_split
 
 TRAINED = ("scratch", "finetune", "semi")
@@ -35,7 +36,10 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     train_x, train_y, train_keys = load_split(cfg.data.shards, "train")
     test_x, test_y, _ = load_split(cfg.data.shards, "test")
     index = {k: i for i, k in enumerate(train_keys)}
-    backbone, head, _ = load_encoder(cfg.encoder_dir, with_head=True)
+    # the driver's copy of the encoder, not its path: a worker on another node cannot read the driver's disk
+    backbone, head = config["encoder"]
+    pool = _pool(config, train_x, backbone) if "semi" in {m for j in config["jobs"] for m in j["methods"]} \
+        and ft.semi_method == "distill" else None
     augs = {name: clf.make_augment(a, size, mean, std, device) for name, a in (
         ("mild", clf.mild_augment(cfg.augment)), ("weak", clf.weak_augment(cfg.augment)), ("strong", cfg.augment))}
     budget = {"batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay, "rank": rank,
@@ -64,7 +68,16 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                                 xl, yl, seed, fraction)
                     tuned_s = time.perf_counter() - t
                 model = tuned
-                if method == "semi":
+                if method == "semi" and pool is not None:
+                    model = _distribute(copy.deepcopy(unwrap(tuned)), sess)
+                    labeled = idx.numpy()  # the train split leads the pool, so train indices are pool indices
+                    soft = propagate(pool["features"], labeled, yl.numpy(), int(arch["num_classes"]),
+                                     k=ft.spread_k, alpha=ft.spread_alpha)
+                    stats = distill(model, pool["images"], soft, labeled, yl.numpy(), augs["mild"],
+                                    rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
+                                    lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,
+                                    rank=rank, world_size=world, device=device)
+                elif method == "semi":
                     model = _distribute(copy.deepcopy(unwrap(tuned)), sess)
                     loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],
                                          batch_size=max(1, config["unlabeled_batch"] // world), rank=rank,
@@ -80,7 +93,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
             row = {"method": method, "fraction": fraction, "seed_index": job["seed_index"], "accuracy": acc,
                    "pred": pred.astype(np.int64), "seconds": seconds}
             if method == "semi":
-                row["mask_rate"] = round(stats["mask_rate"], 4)
+                row.update({k: round(stats[k], 4) for k in ("mask_rate", "model_weight") if k in stats})
             results.append(row)
             if rank == 0:
                 print(f"{method:>8}  fraction {fraction:<5g} seed {job['seed_index']}  labels {len(idx):>5}  "
@@ -91,6 +104,23 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                 best[fraction] = {**row, "state": {k: v.detach().cpu().numpy().copy()
                                                    for k, v in unwrap(model).state_dict().items()}}
     return {"results": results, "best": best}
+
+
+def _pool(config: dict[str, Any], train_x: torch.Tensor, backbone: torch.nn.Module) -> dict[str, Any]:
+    """What `distill` reads: the train split's images (labels unused) followed by up to
+    `finetune.unlabeled_pool` images of the unlabeled split (a seeded sample when it holds more), and the
+    frozen encoder's features of all of them (for label spreading). Never the test split."""
+    cfg, ft = config["cfg"], config["cfg"].finetune
+    parts = [train_x]
+    if "unlabeled" in config["unlabeled_splits"] and ft.unlabeled_pool > 0:
+        ux, _, _ = load_split(cfg.data.shards, "unlabeled")
+        if len(ux) > ft.unlabeled_pool:
+            g = torch.Generator().manual_seed(cfg.data.seed)
+            ux = ux[torch.randperm(len(ux), generator=g)[: ft.unlabeled_pool]]
+        parts.append(ux)
+    images = torch.cat(parts) if len(parts) > 1 else train_x
+    feats = encode(backbone, images, config["mean"], config["std"], device=session().device).numpy()
+    return {"images": images, "features": feats}
 
 
 def _distribute(model: torch.nn.Module, sess) -> torch.nn.Module:

@@ -160,7 +160,7 @@ class FinetuneConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     fractions: list[float] | None = None  # None: every labeled subset in the manifest
     full_fraction_methods: list[str] = field(default_factory=lambda: ["pixels", "linear", "scratch"])
-    seeds: int = 3  # labeled subsets per fraction (seed i = the manifest's seed + i)
+    seeds: int = 5  # labeled subsets per fraction (seed i = the manifest's seed + i)
     full_fraction_seeds: int = 1  # runs at fraction 1.0 (one subset: all labels; seeds vary only the training)
     epochs: int = 30  # fine-tune and scratch budget, in passes over the labeled subset (fixed budget)
     full_epochs: int = 5  # the same budget for fraction 1.0 runs (scratch on all labels)
@@ -168,13 +168,22 @@ class FinetuneConfig:
     lr: float = 0.05
     weight_decay: float = 5e-4
     start_from: Literal["head", "backbone"] = "head"  # head: keep the first projection layer (SimCLRv2)
-    semi_method: Literal["fixmatch"] = "fixmatch"  # FixMatch from the fine-tuned model
-    semi_epochs: int = 6  # passes over the unlabeled stream (train + unlabeled splits)
-    semi_lr: float = 0.02  # digits: 0.05 x 8 epochs cost 12 min in all and swung more at 1% labels
+    # distill: label spreading on the encoder's features as teacher, distilled into the fine-tuned model;
+    # fixmatch: FixMatch from the fine-tuned model (streams the unlabeled shards)
+    semi_method: Literal["distill", "fixmatch"] = "distill"
+    semi_epochs: int = 10  # passes over the unlabeled pool (distill: per round) or stream (fixmatch)
+    semi_lr: float = 0.05
+    distill_rounds: int = 1  # distill: rounds > 1 distil again, blending with the last student's predictions
+    spread_k: int = 10  # distill: neighbours in label spreading's kNN graph
+    spread_alpha: float = 0.8  # distill: label spreading's clamping (0: keep the labels, 1: all from neighbours)
+    unlabeled_pool: int = 50000  # distill: at most this many images of the unlabeled split held in memory
     threshold: float = 0.9  # FixMatch confidence for pseudo-labels
-    unlabeled_ratio: int = 4  # unlabeled batch = ratio x labeled batch
-    # Ray Train workers for scratch/finetune/semi (the trainer section's other settings apply);
-    # 0 or 1 = in this process, the default: labeled subsets are small and Ray's start-up would dominate
+    unlabeled_ratio: int = 4  # FixMatch: unlabeled batch = ratio x labeled batch
+    # Where scratch/finetune/semi run. auto: Ray Train DDP over finetune.num_workers when that is >= 2; else,
+    # when trainer.num_workers >= 2, one Ray task per labeled subset, many at once (DDP over trainer.num_workers
+    # instead when the unlabeled splits hold more than 100,000 images); else in this process.
+    parallel: Literal["auto", "local", "tasks", "train"] = "auto"
+    # Ray Train workers for parallel=train (the trainer section's other settings apply); 0: trainer.num_workers
     num_workers: int = 0
 
     def check(self) -> None:
@@ -199,6 +208,11 @@ class FinetuneConfig:
         _non_negative("finetune.weight_decay", self.weight_decay)
         _non_negative("finetune.semi_epochs", self.semi_epochs)
         _positive("finetune.unlabeled_ratio", self.unlabeled_ratio)
+        _positive("finetune.distill_rounds", self.distill_rounds)
+        _positive("finetune.spread_k", self.spread_k)
+        if not 0 < self.spread_alpha < 1:
+            raise UserError(f"finetune.spread_alpha must be in (0, 1), got {self.spread_alpha}")
+        _non_negative("finetune.unlabeled_pool", self.unlabeled_pool)
         _non_negative("finetune.num_workers", self.num_workers)
         if not 0 < self.threshold <= 1:
             raise UserError(f"finetune.threshold must be in (0, 1], got {self.threshold}")

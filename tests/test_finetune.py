@@ -13,13 +13,14 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cluster.cli import main as selfsup
 from finetune.run import unlabeled_splits
 from finetune.subsets import check_disjoint, labeled_subset
-from pretrain.config import METHODS, Config
+from pretrain.config import METHODS, Config, load_config
 from pretrain.errors import UserError
 from pretrain.model import build_model, encoder_meta, save_encoder
 from pretrain.reader import load_split
@@ -99,6 +100,38 @@ def test_unlabeled_stream_never_reads_the_test_split(data):
     assert "test" not in splits and "train" in splits
 
 
+def test_label_spreading_carries_two_labels_per_class_to_the_whole_pool(data):
+    from finetune.semi import propagate
+
+    images, labels, _ = load_split(str(data["shards"]), "train")
+    x = images.reshape(len(images), -1).float().numpy()
+    y = labels.numpy()
+    labeled = np.concatenate([np.flatnonzero(y == c)[:2] for c in range(8)])  # classes 8 and 9 get no label
+    soft = propagate(x, labeled, y[labeled], num_classes=10)
+    assert soft.shape == (len(x), 10) and np.allclose(soft.sum(1), 1, atol=1e-5)
+    assert (soft[:, 8:] == 0).all()  # a class without a label is never predicted
+    assert (soft[labeled].argmax(1) == y[labeled]).all()
+    seen = y < 8
+    assert (soft[seen].argmax(1) == y[seen]).mean() > 0.8  # raw pixels, 16 labels; chance is 1/8
+
+
+def test_execution_mode_follows_the_config(data):
+    from finetune.run import execution_mode
+
+    def mode(*overrides):
+        return execution_mode(load_config(None, list(overrides)), data["manifest"])
+
+    assert mode() == ("tasks", 0)  # the default: 2 Ray workers, a small unlabeled pool
+    assert mode("trainer.num_workers=0") == ("local", 0)
+    assert mode("finetune.num_workers=3") == ("train", 3)
+    assert mode("finetune.parallel=train") == ("train", 2)
+    assert mode("finetune.parallel=local") == ("local", 0)
+    with pytest.raises(UserError, match="2 or more Ray Train workers"):
+        mode("finetune.parallel=train", "trainer.num_workers=1")
+    big = {**data["manifest"], "splits": {**data["manifest"]["splits"], "unlabeled": {"count": 200_000}}}
+    assert execution_mode(Config(), big) == ("train", 2)
+
+
 # ------------------------------------------------------------------ refusals
 
 
@@ -156,12 +189,46 @@ def test_report_rows_are_complete_and_accuracies_are_fractions(run):
         assert all(0.0 <= a <= 1.0 for a in r["accuracies"])
         assert r["accuracy_mean"] == pytest.approx(sum(r["accuracies"]) / len(r["accuracies"]))
         assert r["labels"] == {0.01: 15, 0.1: 144, 1.0: 1437}[r["label_fraction"]]
-    assert report["semi_method"] == "fixmatch"
+    assert report["semi_method"] == "distill"
+    assert report["execution"] == "tasks"  # trainer.num_workers=2 by default: one Ray task per labeled subset
     md = (run / "report.md").read_text()
     assert "| method |" in md and "15 labels" in md and "144 labels" in md
     for m in METHODS:
         assert f"| {m} |" in md
     assert (run / "finetune.config.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("semi_method", ["distill", "fixmatch"])
+def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method):
+    """finetune.parallel=train: scratch, finetune and semi on 2 Ray Train workers (gloo DDP), one report."""
+    out = tmp_path / "ddp"
+    rc = selfsup(["finetune", f"output_dir={out}", f"encoder={data['encoder']}", f"data.shards={data['shards']}",
+                  "finetune.parallel=train", "finetune.methods=[scratch,finetune,semi]", "finetune.fractions=[0.1]",
+                  f"finetune.semi_method={semi_method}", "finetune.seeds=1", "finetune.epochs=1",
+                  "finetune.semi_epochs=1", "finetune.full_fraction_methods=[]", "trainer.torch_threads=1",
+                  "wandb.enabled=false"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["execution"] == "train" and report["num_workers"] == 2 and report["semi_method"] == semi_method
+    assert {(r["method"], r["label_fraction"]) for r in report["results"]} == {
+        ("scratch", 0.1), ("finetune", 0.1), ("semi", 0.1)}
+    assert all(0.0 <= r["accuracy_mean"] <= 1.0 for r in report["results"])
+    assert (out / "classifiers" / next((out / "classifiers").iterdir()).name / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_task_that_cannot_read_the_shards_fails_in_one_line(data, tmp_path):
+    """A Ray task's own UserError (here: shards the worker cannot read) reaches the driver as that error."""
+    from finetune.supervised import supervised_loop
+    from pretrain.launch import run_tasks
+
+    cfg = load_config(None, [f"data.shards={tmp_path / 'missing'}", f"output_dir={tmp_path / 'o'}",
+                             "trainer.torch_threads=1"])
+    with pytest.raises(UserError, match="manifest") as e:
+        run_tasks(supervised_loop, [{"cfg": cfg, "jobs": [], "arch": None, "encoder": (None, None), "mean": [0.5],
+                                     "std": [0.25], "image_size": 16}], cfg, "bad")
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
 
 
 @pytest.mark.slow
