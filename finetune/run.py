@@ -178,7 +178,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     rows = [result_row(m, f, n_labels[f], a, secs[(m, f)]) for (m, f), a in accs.items()]
     saved = {}
     for fraction, b in sorted(best.items()):
-        state = {k: torch.from_numpy(v) for k, v in b["state"].items()}
+        state = {k: torch.from_numpy(v.copy()) for k, v in b["state"].items()}  # Ray hands back read-only arrays
         d = save_classifier(out_dir / "classifiers" / f"{b['method']}-{fraction:g}", state, arch, classes,
                             manifest, method=b["method"], fraction=fraction, seed=b["seed_index"],
                             accuracy=b["accuracy"], test_keys=test_keys, test_labels=test_np, test_pred=b["pred"])

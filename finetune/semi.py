@@ -11,8 +11,10 @@
   the pseudo-label of a strong view (the full SimCLR recipe) of the same image, counted only where its
   confidence reaches `finetune.threshold`. Streams the unlabeled shards, so it suits pools too large to hold.
 
-On the digits default, `distill` gave the larger gain for less compute (measured: docs/interfaces.md and the
-notes of issue 4), so it is the default; `finetune.semi_method=fixmatch` picks the other.
+On the digits default (same encoder, same 5 labeled subsets per fraction, measured side by side) `distill`
+reached 85.6 ± 5.3% / 97.2 ± 0.7% at 1% / 10% of the labels against FixMatch's 74.4 ± 7.8% / 95.6 ± 0.7%
+(fine-tuning alone: 50.3% / 95.2%), for 240 / 302 s of compute against 205 / 288 s; so `distill` is the
+default and `finetune.semi_method=fixmatch` picks the other.
 """
 
 from __future__ import annotations

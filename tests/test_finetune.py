@@ -115,6 +115,19 @@ def test_label_spreading_carries_two_labels_per_class_to_the_whole_pool(data):
     assert (soft[seen].argmax(1) == y[seen]).mean() > 0.8  # raw pixels, 16 labels; chance is 1/8
 
 
+def test_the_teacher_trusts_the_model_only_as_far_as_it_agrees_with_label_spreading():
+    from finetune.semi import blend
+
+    spread = np.eye(4, dtype=np.float32)[[0, 1, 2, 3] * 25]
+    teacher, w = blend(spread, spread[::-1].copy())  # the model agrees on no image: the spread labels alone
+    assert w == 0 and np.allclose(teacher, spread)
+    teacher, w = blend(spread, np.full_like(spread, 0.25) + spread * 0.1)  # agrees everywhere, less sure
+    assert w == 1 and np.allclose(teacher, (spread + np.full_like(spread, 0.25) + spread * 0.1) / 2)
+    half = spread.copy()
+    half[:50] = spread[:50][:, ::-1]
+    assert blend(spread, half)[1] == pytest.approx(0.5 ** 4)
+
+
 def test_execution_mode_follows_the_config(data):
     from finetune.run import execution_mode
 
@@ -225,7 +238,7 @@ def test_a_task_that_cannot_read_the_shards_fails_in_one_line(data, tmp_path):
 
     cfg = load_config(None, [f"data.shards={tmp_path / 'missing'}", f"output_dir={tmp_path / 'o'}",
                              "trainer.torch_threads=1"])
-    with pytest.raises(UserError, match="manifest") as e:
+    with pytest.raises(UserError, match="shards not found at") as e:
         run_tasks(supervised_loop, [{"cfg": cfg, "jobs": [], "arch": None, "encoder": (None, None), "mean": [0.5],
                                      "std": [0.25], "image_size": 16}], cfg, "bad")
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
