@@ -56,6 +56,10 @@ def unlabeled_splits(manifest: dict) -> tuple[str, ...]:
     return tuple(s for s in ("train", "unlabeled") if manifest["splits"].get(s, {}).get("count", 0) > 0)
 
 
+def unlabeled_count(manifest: dict) -> int:
+    return sum(manifest["splits"][s]["count"] for s in unlabeled_splits(manifest))
+
+
 TASKS_MAX_UNLABELED = 100_000  # above this, `auto` spreads each run over DDP workers instead of one task each
 
 
@@ -64,7 +68,7 @@ def execution_mode(cfg: Config, manifest: dict) -> tuple[str, int]:
     ft, t = cfg.finetune, cfg.trainer
     mode = ft.parallel
     if mode == "auto":
-        big = sum(manifest["splits"][s]["count"] for s in unlabeled_splits(manifest)) > TASKS_MAX_UNLABELED
+        big = unlabeled_count(manifest) > TASKS_MAX_UNLABELED
         mode = ("train" if ft.num_workers >= 2 else "local" if t.num_workers < 2 else "train" if big else "tasks")
     if mode == "train":
         workers = ft.num_workers or t.num_workers
@@ -148,10 +152,9 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
             # small batches of small images gain little from intra-op threads, and spinning OpenMP threads
             # on a busy machine cost 10x: half the cores by default (trainer.torch_threads overrides)
             run_cfg.trainer.torch_threads = cfg.trainer.torch_threads or max(1, (os.cpu_count() or 2) // 2)
-        unlabeled_total = sum(manifest["splits"][s]["count"] for s in unlabeled_splits(manifest))
         common = {"cfg": cfg, "arch": arch, "encoder": (backbone, head), "mean": mean, "std": std, "image_size": size,
                   "unlabeled_splits": unlabeled_splits(manifest),
-                  "unlabeled_batch": max(1, min(ft.batch_size * ft.unlabeled_ratio, unlabeled_total))}
+                  "unlabeled_batch": max(1, min(ft.batch_size * ft.unlabeled_ratio, unlabeled_count(manifest)))}
         name = f"{cfg.name}-finetune"
         if mode == "tasks":  # the costliest subsets first, so the last task to start is a short one
             order = sorted(trained, key=lambda j: -len(j["keys"]) * len(j["methods"]))

@@ -39,9 +39,9 @@ def propagate(features: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num
     y = np.full(len(x), -1, dtype=np.int64)
     y[labeled] = labels
     ls = LabelSpreading(kernel="knn", n_neighbors=min(k, len(x) - 1), alpha=alpha, max_iter=100).fit(x, y)
-    # label spreading only knows the classes it saw; place its columns among all classes
+    # label spreading only knows the classes it saw (`classes_`, without -1); place them among all classes
     out = np.zeros((len(x), num_classes), dtype=np.float32)
-    out[:, ls.classes_[ls.classes_ >= 0]] = ls.label_distributions_[:, ls.classes_ >= 0]
+    out[:, ls.classes_] = ls.label_distributions_
     return out
 
 

@@ -68,8 +68,9 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                                 xl, yl, seed, fraction)
                     tuned_s = time.perf_counter() - t
                 model = tuned
-                if method == "semi" and pool is not None:
+                if method == "semi":
                     model = _distribute(copy.deepcopy(unwrap(tuned)), sess)
+                if method == "semi" and ft.semi_method == "distill":
                     labeled = idx.numpy()  # the train split leads the pool, so train indices are pool indices
                     soft = propagate(pool["features"], labeled, yl.numpy(), int(arch["num_classes"]),
                                      k=ft.spread_k, alpha=ft.spread_alpha)
@@ -78,7 +79,6 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                                     lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,
                                     rank=rank, world_size=world, device=device)
                 elif method == "semi":
-                    model = _distribute(copy.deepcopy(unwrap(tuned)), sess)
                     loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],
                                          batch_size=max(1, config["unlabeled_batch"] // world), rank=rank,
                                          world_size=world, seed=seed, num_workers=cfg.data.loader_workers,

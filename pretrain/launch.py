@@ -194,8 +194,7 @@ def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]]
     import ray
 
     t = cfg.trainer
-    cpus = float(t.resources_per_worker.get("CPU", 1))
-    gpus = float(t.resources_per_worker.get("GPU", 1)) if t.use_gpu else 0.0
+    cpus, gpus = worker_resources(t)
     task_cfg = copy.deepcopy(cfg)
     task_cfg.trainer.num_workers = 0
     task_cfg.trainer.torch_threads = t.torch_threads or max(1, int(cpus))
@@ -216,6 +215,14 @@ def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]]
     finally:
         if started:
             ray.shutdown()
+
+
+def worker_resources(trainer: Any) -> tuple[float, float]:
+    """(CPUs, GPUs) one worker or task holds: `trainer.resources_per_worker`, default 1 CPU (+ 1 GPU with
+    `trainer.use_gpu`, none without)."""
+    cpus = float(trainer.resources_per_worker.get("CPU", 1))
+    gpus = float(trainer.resources_per_worker.get("GPU", 1)) if trainer.use_gpu else 0.0
+    return cpus, gpus
 
 
 def _task(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, name: str) -> Any:
@@ -293,9 +300,9 @@ def init_ray(cfg: Any) -> bool:
                             "check trainer.address / RAY_ADDRESS, or unset it to start a local cluster") from None
         return False
     t = cfg.trainer
-    per_worker = float(t.resources_per_worker.get("CPU", 1))
-    num_cpus = max(1, int(round(per_worker * t.num_workers)))
-    num_gpus = int(round(float(t.resources_per_worker.get("GPU", 1)) * t.num_workers)) if t.use_gpu else 0
+    cpus, gpus = worker_resources(t)
+    num_cpus = max(1, int(round(cpus * t.num_workers)))
+    num_gpus = int(round(gpus * t.num_workers))
     # Ray >= 2.5x turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset (and
     # makes a token in ~/.ray/auth_token); setting the variable ourselves would skip its config refresh.
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
