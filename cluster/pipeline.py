@@ -355,7 +355,10 @@ def format_summary(s: dict[str, Any]) -> str:
             b = h["best"]
             wins = all(b["accuracy_mean"] - r["accuracy_mean"] > 2 * max(b["accuracy_std"], r["accuracy_std"])
                        for r in others)
-            line += f" vs {base} ({'ahead of both by more than 2 std' if wins else 'not ahead of both by 2 std'})"
+            if min([b.get("seeds", 2)] + [r.get("seeds", 2) for r in others]) < 2:  # no spread from one seed
+                line += f" vs {base} (one seed: no 2-std verdict)"
+            else:
+                line += f" vs {base} ({'ahead of both by more than 2 std' if wins else 'not ahead of both by 2 std'})"
         lines.append(line)
     if s.get("skipped_samples"):
         lines.append("corrupt samples skipped: " + ", ".join(f"{k} {v}" for k, v in s["skipped_samples"].items()))

@@ -103,12 +103,23 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
 
 
+def rank_share(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's indices of a global batch: the same count on every rank, and at least 2 (a rank holding
+    one image breaks BatchNorm in train mode), wrapping around the batch where it does not split evenly
+    (15 labels on 8 ranks: 2 each, one image seen twice). One process (world_size 1) keeps the batch as is."""
+    n = batch.numel()
+    if world_size <= 1 and n != 1:
+        return batch
+    per = max(2, math.ceil(n / world_size))
+    return batch[(rank * per + torch.arange(per)) % n]
+
+
 def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment, *, epochs: int,
                      batch_size: int, lr: float, weight_decay: float, seed: int, rank: int = 0,
                      world_size: int = 1, device: str | torch.device = "cpu") -> dict[str, float]:
     """Cross-entropy on augmented labeled images for a fixed budget: `epochs` passes over the subset
     (at least one step per epoch), cosine lr with a short warmup. Nothing here looks at the test split.
-    Every rank draws the same batch (same seed) and trains on its `rank::world_size` share of it."""
+    Every rank draws the same batch (same seed) and trains on its equal share of it (`rank_share`)."""
     n = images.shape[0]
     bs = min(batch_size, n)
     steps = max(epochs, math.ceil(epochs * n / bs))
@@ -120,7 +131,7 @@ def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     for step in range(steps):
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=g), 0
-        idx = order[pos:pos + bs][rank::world_size]
+        idx = rank_share(order[pos:pos + bs], rank, world_size)
         pos += bs
         x = augment(images[idx].to(device))
         loss = F.cross_entropy(model(x), labels[idx].to(device))

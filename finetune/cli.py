@@ -17,7 +17,8 @@ def finetune_main(args: argparse.Namespace) -> int:
 
     report = run_finetune(load_args_config(args))
     for c in report["comparisons"]:
-        verdict = "beats" if c["beats_all_baselines_by_2std"] else "does NOT beat"
+        v = c["beats_all_baselines_by_2std"]
+        verdict = "beats" if v else "cannot be tested (fewer than 2 seeds) to beat" if v is None else "does NOT beat"
         print(f"{c['label_fraction']:g} labeled: {c['best']} {c['accuracy_mean']:.4f} {verdict} "
               f"{', '.join(c['against'])} by > 2 std")
     return 0

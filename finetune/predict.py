@@ -30,7 +30,8 @@ PREDICTIONS = "predictions.csv"
 
 def save_classifier(out_dir: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any], classes: list[str],
                     manifest: dict, *, method: str, fraction: float, seed: int, accuracy: float,
-                    test_keys: list[str], test_labels: np.ndarray, test_pred: np.ndarray) -> Path:
+                    test_keys: list[str], test_labels: np.ndarray, test_pred: np.ndarray,
+                    selection: str = "") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)  # an old model.json must not vouch for new weights
@@ -49,9 +50,8 @@ def save_classifier(out_dir: str | Path, state: dict[str, torch.Tensor], arch: d
                           "mean": [float(v) for v in manifest["mean"]], "std": [float(v) for v in manifest["std"]],
                           "resize": "shorter side to image_size (bicubic down, bilinear up), then center crop"},
         "architecture": arch, "method": method, "label_fraction": float(fraction), "seed": int(seed),
-        "test_accuracy": float(accuracy),
-        "selected": "the most accurate finetune/semi run of this fraction on the test split (the report's "
-                    "numbers are not affected by this choice)",
+        "test_accuracy": float(accuracy),  # of this model only: it was chosen before it was scored
+        "selected": selection or "chosen by the caller without the test split",
     }
     atomic_write_text(out / META, json.dumps(meta, indent=2) + "\n")
     return out

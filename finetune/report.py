@@ -13,6 +13,7 @@ import numpy as np
 from pretrain.config import METHODS, atomic_write_text
 
 BASELINES = ("pixels", "scratch")
+MIN_SEEDS = 2  # a standard deviation needs two seeds; below that no 2-std verdict is given
 PRETRAINED = ("finetune", "semi", "linear", "knn")
 
 
@@ -39,7 +40,8 @@ def _row(rows: list[dict], method: str, fraction: float) -> dict | None:
 
 def comparisons(rows: list[dict]) -> list[dict[str, Any]]:
     """Per labeled fraction below 1: the best of finetune/semi against each baseline, with the margin in
-    units of the larger of the two standard deviations (the product's claim is margin > 2 of them)."""
+    units of the larger of the two standard deviations (the product's claim is margin > 2 of them). With
+    fewer than 2 seeds on either side there is no standard deviation to speak of: the verdict is None."""
     out = []
     for f in sorted({r["label_fraction"] for r in rows if r["label_fraction"] < 1}):
         ours = [r for m in ("finetune", "semi") if (r := _row(rows, m, f))]
@@ -51,11 +53,13 @@ def comparisons(rows: list[dict]) -> list[dict[str, Any]]:
         for b in base:
             margin = best["accuracy_mean"] - b["accuracy_mean"]
             spread = max(best["accuracy_std"], b["accuracy_std"])
-            against[b["method"]] = {"margin": margin, "std": spread,
-                                    "beats_by_2std": bool(margin > 2 * spread and margin > 0)}
+            testable = min(best["seeds"], b["seeds"]) >= MIN_SEEDS
+            against[b["method"]] = {"margin": margin, "std": spread if testable else None,
+                                    "beats_by_2std": bool(margin > 2 * spread and margin > 0) if testable else None}
+        verdicts = [a["beats_by_2std"] for a in against.values()]
         out.append({"label_fraction": f, "labels": best["labels"], "best": best["method"],
                     "accuracy_mean": best["accuracy_mean"], "against": against,
-                    "beats_all_baselines_by_2std": all(a["beats_by_2std"] for a in against.values())})
+                    "beats_all_baselines_by_2std": None if None in verdicts else all(verdicts)})
     return out
 
 
@@ -82,8 +86,9 @@ def summary_sentences(report: dict[str, Any]) -> list[str]:
         base = max(c["against"], key=lambda m: _row(rows, m, c["label_fraction"])["accuracy_mean"])
         b = _row(rows, base, c["label_fraction"])
         a = c["against"][base]
-        verdict = ("more than two standard deviations" if a["beats_by_2std"] else
-                   "not by two standard deviations" if a["margin"] > 0 else "no gain at all")
+        verdict = ("no gain at all" if a["margin"] <= 0 else
+                   "with too few seeds for a spread (finetune.seeds >= 2 gives one)" if a["beats_by_2std"] is None
+                   else "more than two standard deviations" if a["beats_by_2std"] else "not by two standard deviations")
         out.append(
             f"With {_pct(c['label_fraction'])} of the labels ({c['labels']} images), `{c['best']}` reaches "
             f"{c['accuracy_mean'] * 100:.1f}% against {b['accuracy_mean'] * 100:.1f}% for the best baseline "
@@ -131,6 +136,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         for f in fractions:
             r = _row(rows, m, f)
             cells.append("" if r is None else
+                         f"{r['accuracy_mean'] * 100:.1f} (n={r['seeds']})" if r["seeds"] < MIN_SEEDS else
                          f"{r['accuracy_mean'] * 100:.1f} ± {r['accuracy_std'] * 100:.1f} (n={r['seeds']})")
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {report['compute_s'].get(m, 0):.1f} |")
     lines += ["", *summary_sentences(report), ""]

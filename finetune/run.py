@@ -5,8 +5,9 @@ the data), load the train and test splits, draw each seed's labeled subset (trai
 key); run the cheap methods here (pixels, and knn/linear on features encoded once), the trained ones
 (scratch, finetune, semi) in-process, as one Ray task per labeled subset (many at once) or under Ray Train
 (`execution_mode`); then the report
-(json, md, png), the best classifier per fraction, and W&B. Every method has a fixed budget, so nothing is
-ever chosen by looking at the test split.
+(json, md, png), one classifier per fraction chosen by a fixed rule (`semi`, else `finetune`, of the first
+labeled subset), and W&B. Every method has a fixed budget, so nothing is ever chosen by looking at the test
+split.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from finetune.pixels import pixels_predict
 from finetune.predict import save_classifier
 from finetune.report import build_report, result_row, table_rows, write_report
 from finetune.subsets import FULL, check_disjoint, fractions_to_run, labeled_subset, subset_seed
-from finetune.supervised import TRAINED, supervised_loop
+from finetune.supervised import SELECTION, TRAINED, supervised_loop
 from pretrain.config import METHODS, Config, save_config
 from pretrain.errors import UserError
 from pretrain.launch import run_tasks, run_training
@@ -87,6 +88,9 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     if not ft.methods:
         raise UserError("finetune.methods is empty: name at least one of " + ", ".join(METHODS))
 
+    # absolute paths: the Ray tasks and workers run in working directories of their own, maybe on other nodes
+    if "://" not in cfg.data.shards and not cfg.data.shards.startswith("pipe:"):
+        cfg.data.shards = str(Path(cfg.data.shards).resolve())
     manifest = read_manifest(cfg.data.shards)
     backbone = head = meta = None
     if any(m in ENCODER_METHODS for m in ft.methods):
@@ -164,9 +168,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
                                  name=name)]
         for out in outs:
             results += out["results"]
-            for fraction, b in out["best"].items():
-                if fraction not in best or b["accuracy"] > best[fraction]["accuracy"]:
-                    best[fraction] = b
+            best.update(out["best"])  # at most one per fraction: the fixed rule's (finetune.supervised.SELECTION)
 
     # ---- rows, the shipped classifiers, the report
     accs: dict[tuple[str, float], list[float]] = defaultdict(list)
@@ -183,7 +185,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     for fraction, b in sorted(best.items()):
         state = {k: torch.from_numpy(v.copy()) for k, v in b["state"].items()}  # Ray hands back read-only arrays
         d = save_classifier(out_dir / "classifiers" / f"{b['method']}-{fraction:g}", state, arch, classes,
-                            manifest, method=b["method"], fraction=fraction, seed=b["seed_index"],
+                            manifest, method=b["method"], fraction=fraction, seed=b["seed_index"], selection=SELECTION,
                             accuracy=b["accuracy"], test_keys=test_keys, test_labels=test_np, test_pred=b["pred"])
         saved[f"{fraction:g}"] = str(d)
     mask = [r["mask_rate"] for r in results if "mask_rate" in r]

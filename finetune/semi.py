@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.classifier import make_optimizer, predict_logits, train_supervised
+from finetune.classifier import make_optimizer, predict_logits, rank_share, train_supervised
 from pretrain.model import unwrap
 from pretrain.optim import lr_at, set_lr
 
@@ -98,7 +98,7 @@ def fixmatch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, unlab
                 break
             if pos + bs > n:
                 order, pos = torch.randperm(n, generator=g), 0
-            idx = order[pos:pos + bs][rank::world_size]  # every rank its share of the same batch
+            idx = rank_share(order[pos:pos + bs], rank, world_size)  # every rank its equal share of one batch
             pos += bs
             ux = ux.to(device)
             with torch.no_grad():  # pseudo-labels: no gradient flows through the weak view (FixMatch)

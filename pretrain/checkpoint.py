@@ -62,23 +62,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    set_cuda_rng_states(state.get("cuda"))
+
+
+def set_cuda_rng_states(saved: list[torch.Tensor] | None) -> int:
+    """Restore the saved per-GPU generator states onto the GPUs this process sees, as many as both have.
+
+    A checkpoint holds one state per GPU visible on rank 0's node when it was written; the resuming process may
+    see fewer (`--resume` on one GPU after a 4-GPU run), more, or none. `torch.cuda.set_rng_state_all` raises
+    then; this restores the common prefix and leaves the rest as seeded (the loop reseeds every epoch anyway).
+    Returns how many states were restored."""
+    if not saved or not torch.cuda.is_available():
+        return 0
+    n = min(len(saved), torch.cuda.device_count())
+    for i in range(n):
+        torch.cuda.set_rng_state(saved[i], device=i)
+    return n
 
 
 def save_checkpoint(directory: str | os.PathLike, *, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], meta: dict[str, Any],
-                    rng: dict[str, Any] | None = None) -> Path:
+                    rng: dict[str, Any] | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write a checkpoint into `directory` (created; must not hold another checkpoint).
 
-    `meta` holds JSON scalars: epoch, step, data position, `arch` (see `check_arch`).
+    `meta` holds JSON scalars: epoch, step, data position, `arch` (see `check_arch`). `extra_files`
+    ({name: text}, e.g. the run's metrics.jsonl) and any files already placed in `directory` (the exported
+    encoder) travel with it: their sizes are recorded too, so a half-copied one marks the checkpoint incomplete.
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    for name, text in (extra_files or {}).items():
+        (d / name).write_text(text)
     # safetensors refuses shared or non-contiguous storage; a detached contiguous copy is always safe
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(d / MODEL_FILE))
     torch.save({"optimizer": optimizer_state, "rng": rng if rng is not None else rng_state()}, d / STATE_FILE)
-    sizes = {name: (d / name).stat().st_size for name in (MODEL_FILE, STATE_FILE)}
+    sizes = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*"))
+             if p.is_file() and p.name != META_FILE and not p.name.startswith(".")}
     text = json.dumps({**meta, "files": sizes}, indent=1, sort_keys=True)
     tmp = d / f".{META_FILE}.tmp"
     tmp.write_text(text)

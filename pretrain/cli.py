@@ -7,6 +7,7 @@ Each stage has `add_*_args(parser)` and `*_main(args)`; `selfsup` (cluster/cli.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 from pretrain.errors import UserError
@@ -100,7 +101,7 @@ def pretrain_main(args: argparse.Namespace) -> int:
     # torch, Ray and lightly load only once the config and the shards are known to be good
     from pretrain import checkpoint as ckpt
     from pretrain.launch import check_reachable, run_path, run_training
-    from pretrain.loop import arch_of, per_rank_batch, train_loop
+    from pretrain.loop import arch_of, per_rank_batch, publish_outputs, train_loop
 
     local = args.local or cfg.trainer.num_workers == 0
     per_rank_batch(cfg.pretrain.batch_size, 1 if local else cfg.trainer.num_workers, manifest, cfg.data.shards)
@@ -121,9 +122,17 @@ def pretrain_main(args: argparse.Namespace) -> int:
     if address and not local:
         check_reachable(address)  # before anything is written: a typo in the address changes no file
     save_config(cfg, out / "config.yaml")
+    (out / "encoder.json").unlink(missing_ok=True)  # a stale done-marker must not outlive more training
 
-    result = run_training(train_loop, {"cfg": cfg}, cfg, local=local, name=cfg.name,
-                          resume_from=latest if args.resume else None)
+    try:
+        result = run_training(train_loop, {"cfg": cfg}, cfg, local=local, name=cfg.name,
+                              resume_from=latest if args.resume else None)
+    except UserError:
+        with contextlib.suppress(Exception):  # what the checkpointed epochs recorded, even when the run failed
+            publish_outputs(None, cfg, local)
+        raise
+    # rank 0 may have run on another node: its outputs reach output_dir here, through the checkpoint
+    publish_outputs(result, cfg, local)
     if not result or result.get("status") != "ok":
         raise UserError((result or {}).get("message", "pretraining stopped without a result"))
     print(f"pretrained {cfg.pretrain.epochs} epochs: encoder in {out} (knn_acc={result.get('knn_acc')}, "

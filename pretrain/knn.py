@@ -41,7 +41,9 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor],
                      batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Backbone features of uint8 images [N, C, S, S], in eval mode (the caller's mode is restored)."""
+    """Backbone features of uint8 images [N, C, S, S], in eval mode (the caller's mode is restored), computed
+    on `device`: the backbone is moved there too (a CPU-loaded encoder meeting CUDA inputs would fail)."""
+    backbone.to(device)
     was_training = backbone.training
     backbone.eval()
     try:

@@ -195,12 +195,13 @@ def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]]
 
     t = cfg.trainer
     cpus, gpus = worker_resources(t)
+    custom = custom_resources(t)
     task_cfg = copy.deepcopy(cfg)
     task_cfg.trainer.num_workers = 0
     task_cfg.trainer.torch_threads = t.torch_threads or max(1, int(cpus))
     started = init_ray(cfg)
     try:
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=t.max_failures)(_task)
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, resources=custom or None, max_retries=t.max_failures)(_task)
         refs = [remote.remote(loop_fn, c, task_cfg, f"{name}-{i}") for i, c in enumerate(loop_configs)]
         try:
             return ray.get(refs)
@@ -223,6 +224,12 @@ def worker_resources(trainer: Any) -> tuple[float, float]:
     cpus = float(trainer.resources_per_worker.get("CPU", 1))
     gpus = float(trainer.resources_per_worker.get("GPU", 1)) if trainer.use_gpu else 0.0
     return cpus, gpus
+
+
+def custom_resources(trainer: Any) -> dict[str, float]:
+    """The custom resources (not CPU/GPU) of `trainer.resources_per_worker` that each worker or task needs,
+    e.g. {"trainer_node": 1} to keep training on the nodes that offer it."""
+    return {k: float(v) for k, v in trainer.resources_per_worker.items() if k not in ("CPU", "GPU")}
 
 
 def _task(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, name: str) -> Any:
@@ -302,7 +309,8 @@ def init_ray(cfg: Any) -> bool:
     t = cfg.trainer
     cpus, gpus = worker_resources(t)
     num_cpus = max(1, int(round(cpus * t.num_workers)))
-    num_gpus = int(round(gpus * t.num_workers))
+    # never more GPUs than this machine has: Ray would hand out device ids that do not exist
+    num_gpus = min(int(round(gpus * t.num_workers)), torch.cuda.device_count() if gpus else 0)
     # Ray >= 2.5x turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset (and
     # makes a token in ~/.ray/auth_token); setting the variable ourselves would skip its config refresh.
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
@@ -318,8 +326,11 @@ def init_ray(cfg: Any) -> bool:
     # look the cluster up by address and fail with "multiple active Ray instances" when others run nearby.
     gcs_port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+    # custom resources the workers ask for exist on the private cluster too, or nothing could be scheduled
+    resources = {k: v * max(1, t.num_workers) for k, v in custom_resources(t).items()}
     try:
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                 include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=free_port(), _node_ip_address="127.0.0.1",
                  log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
     finally:

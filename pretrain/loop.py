@@ -4,6 +4,12 @@ Read it top to bottom: data, model, optimiser and schedule, resume; then for eac
 batch: two views, forward, NT-Xent over the global batch, non-finite guard, backward, step, log;
 per epoch: metrics (and kNN accuracy), metrics.jsonl, checkpoint; at the end: export the encoder.
 The launcher (`pretrain.launch`) decides where it runs; `session()` hides the difference.
+
+Where the outputs go: rank 0 may run on any node of a cluster, so it never writes into `output_dir` (the
+driver's disk). Everything the run produces travels in its checkpoints (`trainer.storage_path`, shared by
+every node): `metrics.jsonl` and `events.jsonl` in every one, the encoder in the last; rank 0's offline W&B
+files come back in the return value. The driver then writes them into `output_dir` (`publish_outputs`).
+In local mode the loop runs in the driver's process and also writes metrics.jsonl/events.jsonl as it goes.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +35,14 @@ from pretrain.augment import BatchAugment, normalize
 from pretrain.errors import UserError
 from pretrain.knn import knn_accuracy
 from pretrain.launch import session
-from pretrain.model import build_model, convert_sync_batchnorm, encoder_meta, save_encoder, unwrap
+from pretrain.model import (
+    ENCODER_META,
+    build_model,
+    convert_sync_batchnorm,
+    encoder_meta,
+    save_encoder,
+    unwrap,
+)
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from pretrain.reader import ShardLoader, load_split
 from pretrain.shards import read_manifest
@@ -37,6 +51,7 @@ from pretrain.tracking import init_tracking, view_grid
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 FAULT_MARKER = ".fault-injected"
+ENCODER_DIR = "encoder"  # inside the final checkpoint: encoder.safetensors, head.safetensors, encoder.json
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -77,12 +92,18 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     # ---- resume: Ray's own checkpoint after a restart, --resume's, or one written to storage but not yet
     # registered when a worker died (the CLI refuses fresh runs over old checkpoints, so all are this run's)
     start_epoch, step, nonfinite_total, skipped_total, last_knn, wandb_id = 0, 0, 0, 0, None, None
+    history: list[dict[str, Any]] = []  # metrics.jsonl's records so far; they travel in every checkpoint
+    events: list[dict[str, Any]] = []
+    on_driver = not sess.distributed  # local mode: this process is the driver, `out` is its own disk
     arch = arch_of(cfg, manifest)
     candidates = (sess.get_checkpoint(), config.get("resume_from"), ckpt.find_latest(config["run_path"]))
     resume = max(candidates, key=ckpt.epoch_of)
     if resume is not None:
         with _local_copy(resume) as d:
             state = ckpt.load_checkpoint(d, arch=arch, map_location="cpu")
+            # a checkpoint written before the files travelled in it: the run's own files, where readable
+            history = _read_jsonl(Path(d) / METRICS) if (Path(d) / METRICS).exists() else _read_jsonl(out / METRICS)
+            events = _read_jsonl(Path(d) / EVENTS) if (Path(d) / EVENTS).exists() else _read_jsonl(out / EVENTS)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"])
@@ -92,13 +113,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             step = start_epoch * steps_per_epoch
         nonfinite_total, skipped_total = meta.get("nonfinite_total", 0), meta.get("skipped_total", 0)
         last_knn, wandb_id = meta.get("knn_acc"), meta.get("wandb_id")
+    history = [r for r in history if r.get("epoch", 0) <= start_epoch]  # a restart rewrites later epochs once
     if rank == 0:
-        _truncate_metrics(out / METRICS, start_epoch)
-        (out / "encoder.json").unlink(missing_ok=True)  # a stale done-marker must not outlive more training
         if resume is not None:
             sess.log(f"[pretrain] resumed from {resume} at epoch {start_epoch}")
-            _append_json(out / EVENTS, {"event": "resume", "from_epoch": start_epoch, "checkpoint": str(resume),
-                                         "time": time.time()})
+            events.append({"event": "resume", "from_epoch": start_epoch, "checkpoint": str(resume),
+                           "time": time.time()})
+        if on_driver and (resume is not None or (out / METRICS).exists()):
+            _write_run_files(out, history, events)
 
     if sess.distributed and world > 1:
         import ray.train.torch
@@ -106,7 +128,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         model = ray.train.torch.prepare_model(model)  # DDP over the process group Ray Train set up
     train_model = torch.compile(model) if p.compile else model
     criterion = NTXentLoss(temperature=p.temperature, gather_distributed=True)
-    tracker = init_tracking(cfg, "pretrain", out, rank=rank, run_id=wandb_id)
+    # rank 0 on another node keeps its W&B files in a scratch dir and returns them to the driver at the end
+    wandb_dir = out if on_driver or rank != 0 else Path(tempfile.mkdtemp(prefix="selfsup-wandb-"))
+    tracker = init_tracking(cfg, "pretrain", wandb_dir, rank=rank, run_id=wandb_id)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     knn_data = None
@@ -150,8 +174,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                     message = (f"loss was non-finite for {nonfinite_run} steps in a row at epoch {epoch + 1}, "
                                f"step {step} (pretrain.max_nonfinite={p.max_nonfinite}); last good checkpoint: "
                                f"{last or 'none'}: lower optim.base_lr or check the data, then --resume")
-                    tracker.finish(exit_code=1)
-                    return {"status": "nonfinite", "message": message, "checkpoint": last}
+                    return {"status": "nonfinite", "message": message, "checkpoint": last,
+                            "files": _finish_tracking(tracker, wandb_dir, out, exit_code=1)}
                 continue
             nonfinite_run = 0
             optimizer.zero_grad(set_to_none=True)
@@ -190,7 +214,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 unwrap(model).backbone, *knn_data, transform=lambda u: normalize(u, mean, std),
                 batch_size=256, device=device, k=p.knn_k, num_classes=len(manifest["classes"]))
         if rank == 0:
-            _append_json(out / METRICS, record)
+            history.append(record)
+            if on_driver:
+                _write_run_files(out, history, events)
             tracker.log({"epoch": done, **{f"epoch/{k}": v for k, v in record.items() if k != "epoch"}}, step=step)
             sess.log("[pretrain] " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
 
@@ -200,24 +226,26 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                     "world_size": world, "global_batch": p.batch_size, "wandb_id": tracker.run_id}
             with tempfile.TemporaryDirectory(prefix="selfsup-ckpt-") as tmp:
                 if rank == 0:
+                    if done == p.epochs:  # ---- export: the backbone (and head) for fine-tuning, its JSON last
+                        enc = encoder_meta(cfg, manifest, unwrap(model), epochs=p.epochs, knn_acc=last_knn)
+                        save_encoder(Path(tmp) / ENCODER_DIR, unwrap(model), enc)
+                        files = [Path(tmp) / ENCODER_DIR / f for f in ("encoder.safetensors", "head.safetensors",
+                                                                       ENCODER_META)]
+                        tracker.log_artifact(f"{cfg.name}-encoder", "model", files, metadata=enc)
                     ckpt.save_checkpoint(tmp, model_state=unwrap(model).state_dict(),
-                                         optimizer_state=optimizer.state_dict(), meta=meta)
+                                         optimizer_state=optimizer.state_dict(), meta=meta,
+                                         extra_files={METRICS: _jsonl(history), EVENTS: _jsonl(events)})
                 sess.report(record, checkpoint_dir=tmp if rank == 0 else None,
                             dir_name=ckpt.checkpoint_dir_name(done))
         else:
             sess.report(record)
 
-    # ---- export: the backbone (and head) for fine-tuning, its JSON last
     if rank == 0:
-        meta = encoder_meta(cfg, manifest, unwrap(model), epochs=p.epochs, knn_acc=last_knn)
-        path = save_encoder(out, unwrap(model), meta)
-        files = [out / "encoder.safetensors", out / "head.safetensors", out / "encoder.json"]
-        tracker.log_artifact(f"{cfg.name}-encoder", "model", [f for f in files if f.exists()], metadata=meta)
         tracker.summary({"knn_acc": last_knn, "nonfinite_steps": nonfinite_total, "skipped_samples": skipped_total})
-        sess.log(f"[pretrain] encoder written to {path} (knn_acc={_fmt(last_knn)})")
-    tracker.finish()
+        sess.log(f"[pretrain] encoder exported with the last checkpoint (knn_acc={_fmt(last_knn)})")
     return {"status": "ok", "epochs": p.epochs, "knn_acc": last_knn, "start_epoch": start_epoch,
-            "skipped_samples": skipped_total, "nonfinite_steps": nonfinite_total}
+            "skipped_samples": skipped_total, "nonfinite_steps": nonfinite_total,
+            "files": _finish_tracking(tracker, wandb_dir, out)}
 
 
 # ------------------------------------------------------------------ helpers
@@ -296,28 +324,103 @@ def _local_copy(path: str):
         yield ray.train.Checkpoint(path).to_directory(tmp)
 
 
-def _truncate_metrics(path: Path, keep_epochs: int) -> None:
-    """Keep the lines of epochs 1..keep_epochs: a restart rewrites the later ones exactly once."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file ([] when missing); a line cut short by a crash is dropped."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
         try:
-            if json.loads(line).get("epoch", 0) <= keep_epochs:
-                kept.append(line)
+            out.append(json.loads(line))
         except ValueError:
-            continue  # a line cut short by a crash
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
+            continue
+    return out
+
+
+def _jsonl(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _write_run_files(out: Path, history: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    """metrics.jsonl (and events.jsonl when there are events) as a whole, each by an atomic rename."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, records in ((METRICS, history), (EVENTS, events)):
+        if records or name == METRICS:
+            _atomic_text(out / name, _jsonl(records))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _append_json(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _finish_tracking(tracker: Any, wandb_dir: Path, out: Path, exit_code: int = 0) -> dict[str, bytes]:
+    """Close the W&B run; on a worker, hand its files (scratch dir) to the driver as {relative path: bytes}."""
+    tracker.finish(exit_code=exit_code)
+    if wandb_dir == out:
+        return {}
+    try:
+        return pack_files(wandb_dir)
+    finally:
+        shutil.rmtree(wandb_dir, ignore_errors=True)
+
+
+def publish_outputs(result: dict[str, Any] | None, cfg: Any, local: bool) -> list[str]:
+    """The driver's half: write what the workers produced into `output_dir`. From the run's latest checkpoint
+    in `trainer.storage_path`: metrics.jsonl and events.jsonl (Ray mode: local mode wrote them as it went) and,
+    when the run finished, the encoder (encoder.json last: it marks the stage done); from rank 0's return
+    value: its W&B files. Called after a failed run too, so the epochs that were checkpointed are on record.
+    Returns the names written."""
+    from pretrain.launch import run_path
+
+    out = Path(cfg.output_dir)
+    written = unpack_files((result or {}).get("files") or {}, out)
+    latest = ckpt.find_latest(run_path(cfg, cfg.name))
+    if latest is None:
+        return written
+    with _local_copy(latest) as d:
+        d = Path(d)
+        if not local:
+            for name in (METRICS, EVENTS):
+                if (d / name).is_file():
+                    _atomic_text(out / name, (d / name).read_text())
+                    written.append(name)
+        enc = d / ENCODER_DIR
+        if (result or {}).get("status") == "ok" and (enc / ENCODER_META).is_file():
+            (out / ENCODER_META).unlink(missing_ok=True)  # the old done-marker must not vouch for new weights
+            for f in sorted(enc.iterdir(), key=lambda f: f.name == ENCODER_META):  # encoder.json last
+                tmp = out / f".{f.name}.tmp"
+                shutil.copyfile(f, tmp)
+                os.replace(tmp, out / f.name)
+                written.append(f.name)
+    return written
+
+
+def pack_files(root: Path) -> dict[str, bytes]:
+    """Every regular file under `root` as {path relative to root: bytes} (symlinks skipped)."""
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+def unpack_files(files: dict[str, bytes], out: Path) -> list[str]:
+    """Write `pack_files`' result under `out`; a name that would leave `out` is refused."""
+    written = []
+    base = Path(out).resolve()
+    for rel, data in files.items():
+        target = (base / rel).resolve()
+        if not target.is_relative_to(base) or target == base:
+            raise UserError(f"refusing to write {rel!r} outside {base}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        written.append(rel)
+    return written
 
 
 def _fmt(v: Any) -> str:

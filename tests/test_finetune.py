@@ -6,7 +6,9 @@ One module-scoped fine-tuning run (tiny budget) feeds the report, plot, classifi
 from __future__ import annotations
 
 import csv
+import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cluster.cli import main as selfsup
 from finetune.run import unlabeled_splits
@@ -305,3 +308,50 @@ def test_predict_refuses_a_missing_model_and_unreadable_image(run, tmp_path, cap
     bad.write_bytes(b"not an image")
     model = sorted((run / "classifiers").iterdir())[0]
     assert "cannot read image" in _refused(capsys, ["predict", str(model), str(bad)])
+
+
+# ------------------------------------------------------------------ the shipped classifier (issue 12)
+
+
+def _relabel_test_split(src: Path, dst: Path, label_of: dict[str, int]) -> None:
+    """A copy of the shards whose test split says `label_of[key]` instead of its own labels."""
+    shutil.copytree(src, dst)
+    for tar in sorted(dst.glob("test-*.tar")):
+        members = []
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                data = t.extractfile(m).read()
+                key, ext = m.name.split(".", 1)
+                if ext == "cls":
+                    data = str(label_of[key]).encode()
+                members.append((m.name, data))
+        with tarfile.open(tar, "w") as t:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+
+
+def test_the_shipped_classifier_does_not_depend_on_the_test_labels(data, tmp_path):
+    """The classifier under classifiers/ is fixed before any test accuracy exists: relabel the test split so
+    that the model shipped first scores 0% (every other candidate scores more), and the same model is shipped,
+    with model.json saying how it was chosen. Old code kept the candidate most accurate on the test split."""
+    args = ["finetune.methods=[finetune,semi]", "finetune.fractions=[0.1]", "finetune.seeds=2", "finetune.epochs=1",
+            "finetune.semi_epochs=1", "finetune.full_fraction_methods=[]", "trainer.num_workers=0",
+            "trainer.torch_threads=1", "wandb.enabled=false", f"encoder={data['encoder']}"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert selfsup(["finetune", f"output_dir={a}", f"data.shards={data['shards']}", *args]) == 0
+    (shipped,) = list((a / "classifiers").iterdir())
+    with open(shipped / "predictions.csv") as f:
+        wrong = {r["key"]: (int(r["predicted"]) + 1) % 10 for r in csv.DictReader(f)}
+    _relabel_test_split(data["shards"], tmp_path / "relabeled", wrong)
+    assert selfsup(["finetune", f"output_dir={b}", f"data.shards={tmp_path / 'relabeled'}", *args]) == 0
+
+    meta_a, meta_b = (json.loads((d / "classifiers" / shipped.name / "model.json").read_text()) for d in (a, b))
+    assert [p.name for p in (b / "classifiers").iterdir()] == [shipped.name] == ["semi-0.1"]
+    assert (meta_a["method"], meta_a["seed"]) == (meta_b["method"], meta_b["seed"]) == ("semi", 0)
+    assert "without the test split" in meta_a["selected"]
+    assert meta_b["test_accuracy"] == 0.0  # reported for the chosen model, however bad the test labels make it
+    wa, wb = (load_file(str(d / "classifiers" / shipped.name / "model.safetensors")) for d in (a, b))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], msg=k)
