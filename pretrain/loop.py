@@ -392,13 +392,23 @@ def publish_outputs(result: dict[str, Any] | None, cfg: Any, local: bool) -> lis
                     _atomic_text(out / name, (d / name).read_text())
                     written.append(name)
         enc = d / ENCODER_DIR
-        if (result or {}).get("status") == "ok" and (enc / ENCODER_META).is_file():
+        if (result or {}).get("status") != "ok":
+            return written
+        if (enc / ENCODER_META).is_file():
             (out / ENCODER_META).unlink(missing_ok=True)  # the old done-marker must not vouch for new weights
             for f in sorted(enc.iterdir(), key=lambda f: f.name == ENCODER_META):  # encoder.json last
                 tmp = out / f".{f.name}.tmp"
                 shutil.copyfile(f, tmp)
                 os.replace(tmp, out / f.name)
                 written.append(f.name)
+        else:  # a finished run checkpointed before the encoder travelled in it (resumed with no epoch to add)
+            manifest = read_manifest(cfg.data.shards)
+            state = ckpt.load_checkpoint(d, arch=arch_of(cfg, manifest))
+            model = build_model(cfg.model, in_chans=int(manifest["channels"]))
+            model.load_state_dict(state["model"])
+            save_encoder(out, model, encoder_meta(cfg, manifest, model, epochs=state["meta"]["epoch"],
+                                                  knn_acc=state["meta"].get("knn_acc")))
+            written.append(ENCODER_META)
     return written
 
 

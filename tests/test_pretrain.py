@@ -11,6 +11,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -277,3 +278,30 @@ def test_ray_restarts_exhausted_is_one_line_naming_the_dead_worker(shards, ray_c
     assert [x for x in err if x.startswith("error: ")] == err[-1:]
     assert "training failed after 0 restart(s): rank 1's worker process died" in err[-1]
     assert not (run / "encoder.json").exists()
+
+
+def test_the_encoder_and_metrics_travel_in_the_checkpoint(shards, tmp_path):
+    """Issue 12: what rank 0 produces is in its checkpoints (metrics.jsonl, events.jsonl, and the encoder in the
+    last), which is how it reaches the driver from another node; a finished run checkpointed before that (no
+    encoder inside) still gets its encoder back on --resume."""
+    run = tmp_path / "travel"
+    assert cli(["--local", f"output_dir={run}", f"data.shards={shards}", *TINY, "pretrain.epochs=1",
+                "pretrain.knn_every=0"]) == 0
+    last = Path(ckpt.find_latest(run / "ray" / "digits"))
+    assert (last / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+    for name in ("encoder.safetensors", "head.safetensors", "encoder.json"):
+        assert (last / "encoder" / name).read_bytes() == (run / name).read_bytes()
+    meta = json.loads((last / "checkpoint.json").read_text())
+    assert {"encoder/encoder.json", "metrics.jsonl", "events.jsonl"} <= set(meta["files"])
+
+    # the same checkpoint as an older version wrote it: model, state and scalars only
+    shutil.rmtree(last / "encoder")
+    for name in ("metrics.jsonl", "events.jsonl"):
+        (last / name).unlink()
+    meta["files"] = {k: v for k, v in meta["files"].items() if k in ("model.safetensors", "train_state.pt")}
+    (last / "checkpoint.json").write_text(json.dumps(meta))
+    before = load_file(run / "encoder.safetensors")
+    assert cli(["--local", "--resume", str(run)]) == 0
+    after = load_file(run / "encoder.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [r["epoch"] for r in metrics(run)] == [1]
