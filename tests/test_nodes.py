@@ -56,8 +56,8 @@ def _can_unshare() -> bool:
     return r.returncode == 0
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
     """A head (1 CPU, no custom resource) and a second node (2 CPUs, `selfsup_node: 2`) on 127.0.0.1, token
     auth on; every process of both is killed afterwards."""
     head_temp = tempfile.mkdtemp(prefix="rayH", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
@@ -68,6 +68,7 @@ def two_nodes(tmp_path):
            "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
     for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "WANDB_API_KEY"):
         env.pop(k, None)
+    tmp_path = tmp_path_factory.mktemp("nodes")
     cwd = {name: tmp_path / name for name in ("head_cwd", "node_cwd")}
     for d in cwd.values():
         d.mkdir()
@@ -83,7 +84,7 @@ def two_nodes(tmp_path):
         for cmd, where in ((head, cwd["head_cwd"]), (node, cwd["node_cwd"])):
             r = subprocess.run(cmd, env=env, cwd=where, capture_output=True, text=True, timeout=180)
             assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        yield {"address": f"127.0.0.1:{gcs}", "env": env, **cwd}
+        yield {"address": f"127.0.0.1:{gcs}", "env": env, "root": tmp_path, **cwd}
     finally:
         _kill_all(node_temp)
         _kill_all(head_temp)
@@ -95,32 +96,46 @@ def _files(d: Path) -> list[str]:
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if not p.is_dir())
 
 
-def test_pipeline_on_two_nodes_writes_only_into_the_drivers_output_dir(two_nodes, tmp_path):
-    driver_cwd, shared = tmp_path / "driver_cwd", tmp_path / "shared"
-    out_seen_by_nodes = driver_cwd / "out"  # the path `output_dir=out` names, as every other node sees it
-    driver_disk = tmp_path / "driver_disk"  # what the driver sees at that path: its own disk
-    for d in (driver_cwd, shared, out_seen_by_nodes, driver_disk):
+COMMON = ["trainer.num_workers=2", "trainer.resources_per_worker={CPU: 1, selfsup_node: 1}", "trainer.torch_threads=1",
+          "finetune.epochs=2", "finetune.semi_epochs=1", "finetune.distill_rounds=1"]
+
+
+@pytest.fixture(scope="module")
+def driver(two_nodes):
+    """Runs `selfsup ARGS` as the driver: in driver_cwd, with `out` there bind-mounted from driver_disk."""
+    root = two_nodes["root"]
+    paths = {"driver_cwd": root / "driver_cwd", "shared": root / "shared", "driver_disk": root / "driver_disk"}
+    paths["out_seen_by_nodes"] = paths["driver_cwd"] / "out"  # the path `output_dir=out` names, on the nodes
+    for d in paths.values():
         d.mkdir(parents=True)
-    argv = ["pipeline", "--config", str(ROOT / "configs" / "digits.yaml"), "output_dir=out", "data.shards=shards",
-            f"trainer.address={two_nodes['address']}", "trainer.num_workers=2",
-            "trainer.resources_per_worker={CPU: 1, selfsup_node: 1}", f"trainer.storage_path=file://{shared}",
-            "trainer.torch_threads=1", "data.labeled_fractions=[0.1]", "pretrain.epochs=1",
-            "pretrain.batch_size=128", "pretrain.knn_every=1", "model.timm_kwargs={channels: [8, 16, 32, 64]}",
-            "model.proj_hidden_dim=64", "model.proj_output_dim=32", "finetune.seeds=1",
-            "finetune.methods=[pixels,linear,finetune,semi]", "finetune.full_fraction_methods=[pixels]",
-            "finetune.epochs=2", "finetune.semi_epochs=1", "finetune.distill_rounds=1"]
-    cmd = [sys.executable, "-m", "cluster", *argv]
     isolated = _can_unshare()
-    if isolated:  # the driver's own view of `out`: driver_disk bind-mounted over it, in a private namespace
-        cmd = ["unshare", "-Urm", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"',
-               str(driver_disk), str(out_seen_by_nodes), *cmd]
-    env = dict(two_nodes["env"])  # the token, where Ray's client reads it
-    env["PYTHONPATH"] = str(ROOT)  # the driver imports this checkout; Ray workers get the driver's sys.path
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, cwd=driver_cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    drivers = driver_disk if isolated else out_seen_by_nodes
-    print(f"pipeline on two nodes: {time.monotonic() - t0:.0f} s (isolated driver disk: {isolated})")
+    paths["drivers"] = paths["driver_disk"] if isolated else paths["out_seen_by_nodes"]
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "cluster", *args, f"trainer.address={two_nodes['address']}",
+               f"trainer.storage_path=file://{paths['shared']}", *COMMON]
+        if isolated:  # the driver's own view of `out`: driver_disk bind-mounted over it, in a private namespace
+            cmd = ["unshare", "-Urm", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"',
+                   str(paths["driver_disk"]), str(paths["out_seen_by_nodes"]), *cmd]
+        env = dict(two_nodes["env"])  # the token, where Ray's client reads it
+        env["PYTHONPATH"] = str(ROOT)  # the driver imports this checkout; Ray workers get the driver's sys.path
+        t0 = time.monotonic()
+        r = subprocess.run(cmd, cwd=paths["driver_cwd"], env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        print(f"`selfsup {args[0]}` on two nodes: {time.monotonic() - t0:.0f} s (isolated driver disk: {isolated})")
+        return r
+
+    return {"run": run, "isolated": isolated, **paths}
+
+
+def test_pipeline_on_two_nodes_writes_only_into_the_drivers_output_dir(two_nodes, driver):
+    driver["run"](["pipeline", "--config", str(ROOT / "configs" / "digits.yaml"), "output_dir=out", "data.shards=shards",
+                   "data.labeled_fractions=[0.1]", "pretrain.epochs=1", "pretrain.batch_size=128",
+                   "pretrain.knn_every=1", "model.timm_kwargs={channels: [8, 16, 32, 64]}", "model.proj_hidden_dim=64",
+                   "model.proj_output_dim=32", "finetune.seeds=1", "finetune.methods=[pixels,linear,finetune,semi]",
+                   "finetune.full_fraction_methods=[pixels]"])
+    drivers, isolated, out_seen_by_nodes, shared = (driver[k] for k in ("drivers", "isolated", "out_seen_by_nodes",
+                                                                       "shared"))
 
     # the driver's output_dir holds every stage's output ...
     for name in ("encoder.safetensors", "head.safetensors", "encoder.json", "metrics.jsonl", "config.yaml",
@@ -142,3 +157,21 @@ def test_pipeline_on_two_nodes_writes_only_into_the_drivers_output_dir(two_nodes
     assert _files(two_nodes["node_cwd"]) == [] and _files(two_nodes["head_cwd"]) == []
     # the checkpoints are in the shared storage
     assert list((shared / "digits").glob("checkpoint_epoch_000001/encoder/encoder.json"))
+
+
+def test_finetune_under_ray_train_ddp_on_the_second_node(two_nodes, driver):
+    """finetune.parallel=train: the DDP workers (on the second node) return rows and the shipped model's
+    weights; the driver writes the report and the classifier. Uses the pipeline's encoder and shards."""
+    if not (driver["drivers"] / "encoder.json").is_file():
+        pytest.skip("needs the encoder of test_pipeline_on_two_nodes_writes_only_into_the_drivers_output_dir")
+    driver["run"](["finetune", "--config", str(ROOT / "configs" / "digits.yaml"), "output_dir=out/ddp", "encoder=out",
+                   "data.shards=shards", "finetune.parallel=train", "finetune.methods=[finetune,semi]",
+                   "finetune.fractions=[0.1]", "finetune.seeds=1", "finetune.full_fraction_methods=[]",
+                   "wandb.enabled=false"])
+    ddp = driver["drivers"] / "ddp"
+    report = json.loads((ddp / "report.json").read_text())
+    assert report["execution"] == "train" and report["num_workers"] == 2
+    assert [c.name for c in (ddp / "classifiers").iterdir()] == ["semi-0.1"]
+    if driver["isolated"]:
+        assert _files(driver["out_seen_by_nodes"]) == []
+    assert _files(two_nodes["node_cwd"]) == [] and _files(two_nodes["head_cwd"]) == []
