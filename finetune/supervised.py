@@ -23,6 +23,7 @@ from pretrain.errors import UserError
 from pretrain.launch import session
 from pretrain.model import unwrap
 from pretrain.reader import ShardLoader
+from pretrain.shards import read_manifest
 
 TRAINED = ("scratch", "finetune", "semi")
 
@@ -36,6 +37,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     rank, world, device = sess.rank, sess.world_size, sess.device
     mean, std, size, arch = config["mean"], config["std"], config["image_size"], config["arch"]
 
+    read_manifest(cfg.data.shards)  # a worker that cannot see the shards says so first, in one line
     # read from the shards here, as each needs: small labeled subsets as images (one copy per task or worker,
     # bounded by finetune.labeled_in_memory), larger ones streamed; the test split streamed at evaluation
     semi_jobs = [j for j in config["jobs"] if "semi" in j["methods"]]
