@@ -103,7 +103,8 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                 if method == "semi":
                     model = _distribute(copy.deepcopy(unwrap(tuned)), sess)
                 if method == "semi" and ft.semi_method == "distill":
-                    labeled = np.array([pool["index"][k] for k in job["keys"]], dtype=np.int64)
+                    # pool indices of the labeled images, in the subset's order (as xl/yl: unreadable ones left out)
+                    labeled = np.array([pool["index"][k] for k in job["keys"] if k in pool["index"]], dtype=np.int64)
                     soft = propagate(pool["features"], labeled, yl.numpy(), int(arch["num_classes"]),
                                      k=ft.spread_k, alpha=ft.spread_alpha)
                     stats = distill(model, pool["images"], soft, labeled, yl.numpy(), augs["mild"],

@@ -150,7 +150,6 @@ def _mixed_folder(root: Path) -> Path:
     return raw
 
 
-@pytest.mark.slow
 def test_every_stage_runs_at_the_trained_size_and_the_pixel_fit_is_a_reported_sample(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     raw = _mixed_folder(tmp_path)
