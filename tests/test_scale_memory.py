@@ -18,7 +18,7 @@ from cluster.cli import main as selfsup
 from finetune.data import pool_images
 from pretrain.config import load_config
 from pretrain.loop import _knn_data, knn_monitor
-from pretrain.model import build_backbone
+from pretrain.model import build_backbone, build_model, encoder_meta, save_encoder
 from pretrain.reader import iter_split, sample_keys, sample_split, split_index
 from tests.datafiles import write_image_folder
 from tests.shardkit import make_shards
@@ -189,3 +189,19 @@ def test_every_stage_runs_at_the_trained_size_and_the_pixel_fit_is_a_reported_sa
         assert selfsup(["predict", str(run), str(small)]) == 0
     assert {s[-2:] for s in seen.shapes} == {(20, 20)}
     assert capsys.readouterr().out.strip().split("\t")[-1] in manifest["classes"]
+
+
+def test_semi_on_a_subset_too_large_to_hold_is_refused_in_one_line_before_any_work(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    manifest = make_shards(shards, {"train": 40, "test": 8}, shard_size=16, image_size=8, channels=3)
+    cfg = load_config(None, ["data.image_size=8", "model.timm_kwargs={channels: [8, 16, 32, 64]}",
+                             "model.proj_hidden_dim=32", "model.proj_output_dim=16"])
+    model = build_model(cfg.model, 3)
+    save_encoder(tmp_path / "enc", model, encoder_meta(cfg, manifest, model, epochs=0, knn_acc=None))
+    rc = selfsup(["finetune", f"output_dir={tmp_path / 'o'}", f"encoder={tmp_path / 'enc'}", f"data.shards={shards}",
+                  "data.image_size=8",
+                  "finetune.methods=[pixels,semi]", "finetune.fractions=[0.5]", "finetune.labeled_in_memory=10",
+                  "wandb.enabled=false", "trainer.num_workers=0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "finetune.labeled_in_memory=10" in err, err
+    assert not (tmp_path / "o" / "report.json").exists()
