@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from finetune import classifier as clf
-from finetune.data import labeled_images, pool_images, stream_predict
+from finetune.data import labeled_images, pool_images, sample_of, stream_predict
 from finetune.linear import encode
 from finetune.semi import distill, fixmatch, propagate
-from pretrain.errors import UserError
 from pretrain.launch import session
 from pretrain.model import unwrap
 from pretrain.reader import ShardLoader
@@ -44,17 +43,13 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     bound = ft.labeled_in_memory
     held = sorted({k for j in config["jobs"] if len(j["keys"]) <= bound for k in j["keys"]})
     held = held if len(held) <= bound else []  # else each subset is read when its turn comes
-    too_big = [j for j in semi_jobs if len(j["keys"]) > ft.labeled_in_memory]
-    if too_big:
-        raise UserError(f"semi holds its labeled subset in memory: {len(too_big[0]['keys'])} labels at fraction "
-                        f"{too_big[0]['fraction']:g} exceed finetune.labeled_in_memory={bound}: "
-                        "raise it, or run semi on smaller fractions")
     labeled_x, held_x, held_y = {k: i for i, k in enumerate(held)}, None, None
     if held:
         held_x, held_y = labeled_images(cfg.data.shards, held, size)
     # the driver's copy of the encoder, not its path: a worker on another node cannot read the driver's disk
     backbone, head = config["encoder"]
-    pool = _pool(config, [k for j in semi_jobs for k in j["keys"]], backbone) \
+    # distill's labels in the pool: a subset's own, or a seeded sample of at most `bound` of a larger one
+    pool = _pool(config, [k for j in semi_jobs for k in sample_of(j["keys"], bound, j["seed"])], backbone) \
         if semi_jobs and ft.semi_method == "distill" else None
     augs = {name: clf.make_augment(a, size, mean, std, device) for name, a in (
         ("mild", clf.mild_augment(cfg.augment)), ("weak", clf.weak_augment(cfg.augment)), ("strong", cfg.augment))}
@@ -105,9 +100,10 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                 if method == "semi" and ft.semi_method == "distill":
                     # pool indices of the labeled images, in the subset's order (as xl/yl: unreadable ones left out)
                     labeled = np.array([pool["index"][k] for k in job["keys"] if k in pool["index"]], dtype=np.int64)
-                    soft = propagate(pool["features"], labeled, yl.numpy(), int(arch["num_classes"]),
+                    pool_y = pool["labels"][labeled].numpy()
+                    soft = propagate(pool["features"], labeled, pool_y, int(arch["num_classes"]),
                                      k=ft.spread_k, alpha=ft.spread_alpha)
-                    stats = distill(model, pool["images"], soft, labeled, yl.numpy(), augs["mild"],
+                    stats = distill(model, pool["images"], soft, labeled, pool_y, augs["mild"],
                                     rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
                                     lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,
                                     rank=rank, world_size=world, device=device)
@@ -116,7 +112,11 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                                          batch_size=max(1, config["unlabeled_batch"] // world), rank=rank,
                                          world_size=world, seed=seed, num_workers=cfg.data.loader_workers,
                                          image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
+                    labeled_loader = None if xl is not None else ShardLoader(
+                        cfg.data.shards, splits="train", keys=job["keys"], batch_size=max(1, ft.batch_size // world),
+                        rank=rank, world_size=world, seed=seed, image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
                     stats = fixmatch(model, xl, yl, loader, augs["weak"], augs["strong"], epochs=ft.semi_epochs,
+                                     labeled_loader=labeled_loader,
                                      batch_size=ft.batch_size, lr=ft.semi_lr, weight_decay=ft.weight_decay,
                                      threshold=ft.threshold, seed=seed, rank=rank, world_size=world, device=device)
             net = unwrap(model)
@@ -148,10 +148,10 @@ def _pool(config: dict[str, Any], labeled_keys: list[str], backbone: torch.nn.Mo
     features of all of them (for label spreading), and each key's pool index. Never the test split."""
     cfg, ft = config["cfg"], config["cfg"].finetune
     size = config["image_size"]
-    images, _, keys = pool_images(cfg.data.shards, config["unlabeled_splits"], labeled_keys, ft.unlabeled_pool,
-                                  cfg.data.seed, size)
+    images, labels, keys = pool_images(cfg.data.shards, config["unlabeled_splits"], labeled_keys, ft.unlabeled_pool,
+                                       cfg.data.seed, size)
     feats = encode(backbone, images, config["mean"], config["std"], device=session().device).numpy()
-    return {"images": images, "features": feats, "index": {k: i for i, k in enumerate(keys)}}
+    return {"images": images, "labels": labels, "features": feats, "index": {k: i for i, k in enumerate(keys)}}
 
 
 def _distribute(model: torch.nn.Module, sess) -> torch.nn.Module:

@@ -184,7 +184,7 @@ class FinetuneConfig:
     # unlabeled split held in memory: seeded samples drawn by streaming (0: the labeled images, no unlabeled)
     unlabeled_pool: int = 50000
     # labeled subsets of at most this many images are held in memory; larger ones are streamed from the shards
-    # (scratch/finetune; semi needs its labeled subset in memory)
+    # (distill's pool then holds a seeded sample of this many of its labels)
     labeled_in_memory: int = 20000
     pixels_max_samples: int = 20000  # pixels: fit on a seeded sample of this many labeled images when more
     threshold: float = 0.9  # FixMatch confidence for pseudo-labels
