@@ -79,7 +79,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
         elif held:
             idx = torch.tensor([labeled_x[k] for k in job["keys"] if k in labeled_x], dtype=torch.long)
             xl, yl = held_x[idx], held_y[idx]
-        elif len(job["keys"]) <= bound:
+        else:
             xl, yl = labeled_images(cfg.data.shards, job["keys"], size)
         n_labels = len(job["keys"])
         tuned, tuned_s = None, 0.0  # this subset's fine-tuned model: `semi` starts from it
@@ -98,7 +98,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                 if method == "semi":
                     model = _distribute(copy.deepcopy(unwrap(tuned)), sess)
                 if method == "semi" and ft.semi_method == "distill":
-                    # pool indices of the labeled images, in the subset's order (as xl/yl: unreadable ones left out)
+                    # pool indices of the subset's labeled images that the pool holds (all of a small subset)
                     labeled = np.array([pool["index"][k] for k in job["keys"] if k in pool["index"]], dtype=np.int64)
                     pool_y = pool["labels"][labeled].numpy()
                     soft = propagate(pool["features"], labeled, pool_y, int(arch["num_classes"]),
