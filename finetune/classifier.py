@@ -154,3 +154,30 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mean, std, batch_size
     finally:
         model.train(was)
     return torch.cat(out)
+
+
+def train_supervised_stream(model: nn.Module, loader, augment, *, epochs: int, labeled: int, batch_size: int,
+                            lr: float, weight_decay: float, device: str | torch.device = "cpu") -> dict[str, float]:
+    """`train_supervised` for a labeled subset too large to hold: the same budget (steps for `epochs` passes
+    over `labeled` images in batches of `batch_size`, cosine lr with a short warmup), reading batches from
+    `loader` (a `pretrain.reader.ShardLoader` over the subset's keys with this rank's share of the batch,
+    `equal_batches=True`), epoch after epoch until the steps are done."""
+    bs = min(batch_size, labeled)
+    steps = max(epochs, math.ceil(epochs * labeled / bs))
+    warmup = max(1, steps // 10)
+    opt = make_optimizer(model, lr, weight_decay)
+    model.to(device).train()
+    step, epoch, loss = 0, 0, torch.tensor(0.0)
+    while step < steps:
+        loader.set_epoch(epoch)
+        for images, labels in loader:
+            if step >= steps:
+                break
+            loss = F.cross_entropy(model(augment(images.to(device))), labels.to(device))
+            set_lr(opt, lr_at(step, steps, warmup, lr))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        epoch += 1
+    return {"steps": steps, "final_loss": float(loss.detach())}

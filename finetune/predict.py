@@ -30,6 +30,7 @@ PREDICTIONS = "predictions.csv"
 
 def save_classifier(out_dir: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any], classes: list[str],
                     manifest: dict, *, method: str, fraction: float, seed: int, accuracy: float,
+                    image_size: int | None = None,
                     test_keys: list[str], test_labels: np.ndarray, test_pred: np.ndarray,
                     selection: str = "") -> Path:
     out = Path(out_dir)
@@ -46,7 +47,7 @@ def save_classifier(out_dir: str | Path, state: dict[str, torch.Tensor], arch: d
     atomic_write_text(out / PREDICTIONS, buf.getvalue())
     meta = {
         "format": "selfsup-classifier", "version": 1, "classes": list(classes),
-        "preprocessing": {"image_size": int(manifest["image_size"]), "channels": int(manifest["channels"]),
+        "preprocessing": {"image_size": int(image_size or manifest["image_size"]), "channels": int(manifest["channels"]),
                           "mean": [float(v) for v in manifest["mean"]], "std": [float(v) for v in manifest["std"]],
                           "resize": "shorter side to image_size (bicubic down, bilinear up), then center crop"},
         "architecture": arch, "method": method, "label_fraction": float(fraction), "seed": int(seed),

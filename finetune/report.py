@@ -140,6 +140,10 @@ def to_markdown(report: dict[str, Any]) -> str:
                          f"{r['accuracy_mean'] * 100:.1f} ± {r['accuracy_std'] * 100:.1f} (n={r['seeds']})")
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {report['compute_s'].get(m, 0):.1f} |")
     lines += ["", *summary_sentences(report), ""]
+    for r in rows:
+        if r["method"] == "pixels" and r.get("fit_samples"):
+            lines.append(f"`pixels` at {_pct(r['label_fraction'])} was fit on a seeded sample of {r['fit_samples']} of "
+                         f"its {r['labels']} labeled images (`finetune.pixels_max_samples`), to keep memory bounded.")
     if report.get("semi_method"):
         lines.append(f"`semi` is {SEMI_METHODS.get(report['semi_method'], report['semi_method'])}, started from "
                      "each seed's `finetune` model; its compute time includes that fine-tuning.")

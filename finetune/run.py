@@ -1,8 +1,10 @@
 """`selfsup finetune`: every method on every labeled fraction and seed, then the report.
 
 Order of work, top to bottom: read the shards' manifest and the encoder (refusing one that does not fit
-the data), load the train and test splits, draw each seed's labeled subset (train keys only, never a test
-key); run the cheap methods here (pixels, and knn/linear on features encoded once), the trained ones
+the data), index the train and test splits (keys and labels; images are streamed from the shards as each
+method needs them, so memory stays flat in the data's size), draw each seed's labeled subset (train keys only,
+never a test key); run the cheap methods here (pixels on a bounded sample, and knn/linear on features
+encoded once by streaming), the trained ones
 (scratch, finetune, semi) in-process, as one Ray task per labeled subset (many at once) or under Ray Train
 (`execution_mode`); then the report
 (json, md, png), one classifier per fraction chosen by a fixed rule (`semi`, else `finetune`, of the first
@@ -23,8 +25,9 @@ import numpy as np
 import torch
 
 from finetune import classifier as clf
-from finetune.linear import encode, knn_method_predict, linear_predict
-from finetune.pixels import pixels_predict
+from finetune.data import encode_keys, labeled_images, sample_of, stream_predict, test_index
+from finetune.linear import knn_method_predict, linear_predict
+from finetune.pixels import pixels_fit, pixels_predict_with
 from finetune.predict import save_classifier
 from finetune.report import build_report, result_row, table_rows, write_report
 from finetune.subsets import FULL, check_disjoint, fractions_to_run, labeled_subset, subset_seed
@@ -33,7 +36,7 @@ from pretrain.config import METHODS, Config, save_config
 from pretrain.errors import UserError
 from pretrain.launch import run_tasks, run_training
 from pretrain.model import check_compatible, load_encoder
-from pretrain.reader import load_split
+from pretrain.reader import split_index
 from pretrain.shards import read_manifest
 from pretrain.tracking import init_tracking
 
@@ -95,17 +98,17 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     backbone = head = meta = None
     if any(m in ENCODER_METHODS for m in ft.methods):
         backbone, head, meta = load_encoder(cfg.encoder_dir, with_head=True)
-        check_compatible(meta, manifest)
+        check_compatible(meta, manifest, image_size=cfg.data.image_size)
     jobs = plan(cfg, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "finetune.config.yaml")
 
-    mean, std, size = manifest["mean"], manifest["std"], int(manifest["image_size"])
+    # one resolution: the size the encoder was trained at (data.image_size, which check_compatible matched)
+    mean, std = manifest["mean"], manifest["std"]
+    size = int(meta["image_size"]) if meta else int(cfg.data.image_size)
     classes = list(manifest["classes"])
-    train_x, train_y, train_keys = load_split(cfg.data.shards, "train")
-    test_x, test_y, test_keys = load_split(cfg.data.shards, "test")
-    index = {k: i for i, k in enumerate(train_keys)}
-    test_np = test_y.numpy()
+    train_keys, train_y = split_index(cfg.data.shards, "train")  # keys and labels only: no image decoded
+    test_keys, test_np = test_index(cfg.data.shards, size)
     arch = clf.architecture(meta, len(classes), ft.start_from) if meta else None
     tracker = init_tracking(cfg, "finetune", out_dir)
 
@@ -119,27 +122,40 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
                             "methods": methods})
     n_labels = {j["fraction"]: len(j["keys"]) for j in subsets}
 
-    # ---- cheap methods, here: pixels, and knn/linear on features encoded once for every subset
+    # ---- cheap methods, here: pixels, and knn/linear on features encoded once (streamed) for every subset
     results: list[dict[str, Any]] = []
     encode_s = 0.0
-    if any(m in ("knn", "linear") for j in subsets for m in j["methods"]):
+    pixel_fits: dict[float, int] = {}  # fraction -> labeled images the pixel fit used, where it was a sample
+    frozen = [j for j in subsets if any(m in ("knn", "linear") for m in j["methods"])]
+    if frozen:
         t = time.perf_counter()
-        feats = {"train": encode(backbone, train_x, mean, std), "test": encode(backbone, test_x, mean, std)}
+        wanted = {k for j in frozen for k in j["keys"]}
+        feats, feat_y, feat_keys = encode_keys(backbone, cfg.data.shards, "train",
+                                          None if len(wanted) == len(train_keys) else sorted(wanted), size, mean, std)
+        row_of = {k: i for i, k in enumerate(feat_keys)}
+        test_feats, _, _ = encode_keys(backbone, cfg.data.shards, "test", None, size, mean, std)
         encode_s = time.perf_counter() - t
     for job in subsets:
-        idx = torch.tensor([index[k] for k in job["keys"]])
-        xl, yl = train_x[idx], train_y[idx]
         for method in [m for m in job["methods"] if m not in TRAINED]:
             t = time.perf_counter()
             if method == "pixels":
-                pred = pixels_predict(xl, yl, test_x, job["seed"])
-            elif method == "knn":
-                pred = knn_method_predict(feats["train"][idx], yl, feats["test"], len(classes))
+                fit_keys = sample_of(job["keys"], ft.pixels_max_samples, job["seed"])
+                if len(fit_keys) < len(job["keys"]):
+                    pixel_fits[job["fraction"]] = len(fit_keys)
+                xl, yl = labeled_images(cfg.data.shards, fit_keys, size)
+                model = pixels_fit(xl, yl, job["seed"])
+                del xl
+                pred = stream_predict(lambda x, model=model: pixels_predict_with(model, x), cfg.data.shards, size)
             else:
-                pred = linear_predict(feats["train"][idx], yl, feats["test"], job["seed"])
+                idx = torch.tensor([row_of[k] for k in job["keys"] if k in row_of], dtype=torch.long)
+                yl = feat_y[idx]
+                if method == "knn":
+                    pred = knn_method_predict(feats[idx], yl, test_feats, len(classes))
+                else:
+                    pred = linear_predict(feats[idx], yl, test_feats, job["seed"])
             results.append({"method": method, "fraction": job["fraction"], "seed_index": job["seed_index"],
                             "accuracy": float((pred == test_np).mean()), "seconds": time.perf_counter() - t})
-            _echo(results[-1], len(idx))
+            _echo(results[-1], len(job["keys"]))
 
     # ---- trained methods: in this process, one Ray task per subset, or Ray Train DDP (see execution_mode)
     trained = [{**j, "methods": [m for m in j["methods"] if m in TRAINED]} for j in subsets]
@@ -157,6 +173,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
             # on a busy machine cost 10x: half the cores by default (trainer.torch_threads overrides)
             run_cfg.trainer.torch_threads = cfg.trainer.torch_threads or max(1, (os.cpu_count() or 2) // 2)
         common = {"cfg": cfg, "arch": arch, "encoder": (backbone, head), "mean": mean, "std": std, "image_size": size,
+                  "test_labels": test_np,
                   "unlabeled_splits": unlabeled_splits(manifest),
                   "unlabeled_batch": max(1, min(ft.batch_size * ft.unlabeled_ratio, unlabeled_count(manifest)))}
         name = f"{cfg.name}-finetune"
@@ -181,11 +198,15 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     for m in shared:  # the one encoding pass, split between the frozen methods that used it
         secs[(m, min(f for mm, f in accs if mm == m))] += encode_s / len(shared)
     rows = [result_row(m, f, n_labels[f], a, secs[(m, f)]) for (m, f), a in accs.items()]
+    for r in rows:  # the pixel baseline fit on a bounded seeded sample of a large labeled subset says so
+        if r["method"] == "pixels" and r["label_fraction"] in pixel_fits:
+            r["fit_samples"] = pixel_fits[r["label_fraction"]]
     saved = {}
     for fraction, b in sorted(best.items()):
         state = {k: torch.from_numpy(v.copy()) for k, v in b["state"].items()}  # Ray hands back read-only arrays
         d = save_classifier(out_dir / "classifiers" / f"{b['method']}-{fraction:g}", state, arch, classes,
-                            manifest, method=b["method"], fraction=fraction, seed=b["seed_index"], selection=SELECTION,
+                            manifest, image_size=size, method=b["method"], fraction=fraction, seed=b["seed_index"],
+                            selection=SELECTION,
                             accuracy=b["accuracy"], test_keys=test_keys, test_labels=test_np, test_pred=b["pred"])
         saved[f"{fraction:g}"] = str(d)
     mask = [r["mask_rate"] for r in results if "mask_rate" in r]
@@ -195,7 +216,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
         semi_method=ft.semi_method if "semi" in ft.methods else None, semi_mask_rate=mask or None, semi_model_weight=weight or None,
         start_from=ft.start_from, test_samples=len(test_keys), classes=classes, classifiers=saved,
         encoder_knn_acc=(meta or {}).get("knn_acc"), encode_s=round(encode_s, 2), shards=str(cfg.data.shards),
-        num_workers=workers, execution=mode)
+        num_workers=workers, execution=mode, image_size=size, pixels_max_samples=ft.pixels_max_samples)
     paths = write_report(report, out_dir)
     cols, table = table_rows(report)
     tracker.log_table("label_efficiency_table", cols, table)

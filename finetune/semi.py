@@ -77,13 +77,17 @@ def blend(propagated: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, float]:
     return ((propagated + w * own) / (1 + w)).astype(np.float32), w
 
 
-def fixmatch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, unlabeled, weak, strong, *,
+def fixmatch(model: nn.Module, images: torch.Tensor | None, labels: torch.Tensor | None, unlabeled, weak, strong, *,
              epochs: int, batch_size: int, lr: float, weight_decay: float, threshold: float, seed: int, lambda_u: float = 1.0,
-             rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu") -> dict[str, float]:
+             rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+             labeled_loader=None) -> dict[str, float]:
     """`unlabeled`: a pretrain.reader.ShardLoader (uint8 batches, labels ignored), `epochs` passes over it;
-    `batch_size`: the labeled batch (the unlabeled one is the loader's).
+    `batch_size`: the labeled batch (the unlabeled one is the loader's). A labeled subset too large to hold
+    comes as `labeled_loader` instead of `images`/`labels` (a ShardLoader over its keys, this rank's share of
+    the batch), cycled.
     Returns the mean fraction of unlabeled images that passed the threshold (the pseudo-label "mask rate")."""
-    n = images.shape[0]
+    streamed = images is None
+    n = 0 if streamed else images.shape[0]
     per_epoch = len(unlabeled)
     steps = max(1, epochs * per_epoch)
     bs = min(n, batch_size)
@@ -91,23 +95,28 @@ def fixmatch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, unlab
     opt = make_optimizer(model, lr, weight_decay)
     model.to(device).train()
     order, pos, step, mask_sum = torch.randperm(n, generator=g), 0, 0, 0.0
+    labeled_batches = _cycle(labeled_loader) if streamed else None
     for epoch in range(epochs):
         unlabeled.set_epoch(epoch)
         for ux, _ in unlabeled:
             if step >= steps:
                 break
-            if pos + bs > n:
-                order, pos = torch.randperm(n, generator=g), 0
-            idx = rank_share(order[pos:pos + bs], rank, world_size)  # every rank its equal share of one batch
-            pos += bs
+            if streamed:
+                xb, yb = next(labeled_batches)
+            else:
+                if pos + bs > n:
+                    order, pos = torch.randperm(n, generator=g), 0
+                idx = rank_share(order[pos:pos + bs], rank, world_size)  # every rank its equal share of one batch
+                pos += bs
+                xb, yb = images[idx], labels[idx]
             ux = ux.to(device)
             with torch.no_grad():  # pseudo-labels: no gradient flows through the weak view (FixMatch)
                 probs = F.softmax(model(weak(ux)), dim=1)
             conf, pseudo = probs.max(dim=1)
             mask = (conf >= threshold).float()
-            logits = model(torch.cat([weak(images[idx].to(device)), strong(ux)]))
-            nl = len(idx)
-            sup = F.cross_entropy(logits[:nl], labels[idx].to(device))
+            logits = model(torch.cat([weak(xb.to(device)), strong(ux)]))
+            nl = len(xb)
+            sup = F.cross_entropy(logits[:nl], yb.to(device))
             unsup = (F.cross_entropy(logits[nl:], pseudo, reduction="none") * mask).mean()
             loss = sup + lambda_u * unsup
             set_lr(opt, lr_at(step, steps, 0, lr))
@@ -117,3 +126,12 @@ def fixmatch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, unlab
             mask_sum += float(mask.mean())
             step += 1
     return {"steps": step, "mask_rate": mask_sum / max(1, step)}
+
+
+def _cycle(loader):
+    """The loader's batches, epoch after epoch, for as long as they are wanted."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from finetune import classifier as clf
+from finetune.data import labeled_images, pool_images, sample_of, stream_predict
 from finetune.linear import encode
 from finetune.semi import distill, fixmatch, propagate
 from pretrain.launch import session
 from pretrain.model import unwrap
-from pretrain.reader import ShardLoader, load_split
+from pretrain.reader import ShardLoader
+from pretrain.shards import read_manifest
 
 TRAINED = ("scratch", "finetune", "semi")
 # The classifier shipped per labeled fraction, by a fixed rule that never looks at the test split: the first
@@ -37,55 +39,82 @@ def shipped_method(methods: list[str] | tuple[str, ...]) -> str | None:
 
 
 def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """config: cfg, jobs [{fraction, seed_index, seed, keys, methods}], arch, mean, std, image_size.
+    """config: cfg, jobs [{fraction, seed_index, seed, keys, methods}], arch, mean, std, image_size (the
+    encoder's: every read resizes to it), test_labels (of the streamed test split, in its order).
     Returns (rank 0) {"results": [{method, fraction, seed_index, accuracy, pred, seconds}], "best": {...}}."""
     cfg, ft = config["cfg"], config["cfg"].finetune
     sess = session()
     rank, world, device = sess.rank, sess.world_size, sess.device
     mean, std, size, arch = config["mean"], config["std"], config["image_size"], config["arch"]
 
-    train_x, train_y, train_keys = load_split(cfg.data.shards, "train")
-    test_x, test_y, _ = load_split(cfg.data.shards, "test")
-    index = {k: i for i, k in enumerate(train_keys)}
+    read_manifest(cfg.data.shards)  # a worker that cannot see the shards says so first, in one line
+    # read from the shards here, as each needs: small labeled subsets as images (one copy per task or worker,
+    # bounded by finetune.labeled_in_memory), larger ones streamed; the test split streamed at evaluation
+    semi_jobs = [j for j in config["jobs"] if "semi" in j["methods"]]
+    bound = ft.labeled_in_memory
+    held = sorted({k for j in config["jobs"] if len(j["keys"]) <= bound for k in j["keys"]})
+    held = held if len(held) <= bound else []  # else each subset is read when its turn comes
+    labeled_x, held_x, held_y = {k: i for i, k in enumerate(held)}, None, None
+    if held:
+        held_x, held_y = labeled_images(cfg.data.shards, held, size)
     # the driver's copy of the encoder, not its path: a worker on another node cannot read the driver's disk
     backbone, head = config["encoder"]
-    pool = _pool(config, train_x, backbone) if "semi" in {m for j in config["jobs"] for m in j["methods"]} \
-        and ft.semi_method == "distill" else None
+    # distill's labels in the pool: a subset's own, or a seeded sample of at most `bound` of a larger one
+    pool = _pool(config, [k for j in semi_jobs for k in sample_of(j["keys"], bound, j["seed"])], backbone) \
+        if semi_jobs and ft.semi_method == "distill" else None
     augs = {name: clf.make_augment(a, size, mean, std, device) for name, a in (
         ("mild", clf.mild_augment(cfg.augment)), ("weak", clf.weak_augment(cfg.augment)), ("strong", cfg.augment))}
     budget = {"batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay, "rank": rank,
               "world_size": world, "device": device}
 
-    def fit(model: torch.nn.Module, xl, yl, seed: int, fraction: float) -> torch.nn.Module:
+    def fit(model: torch.nn.Module, xl, yl, seed: int, fraction: float, keys: list[str]) -> torch.nn.Module:
         model = _distribute(model.to(device), sess)
         epochs = ft.full_epochs if fraction >= 1 else ft.epochs
-        clf.train_supervised(model, xl, yl, augs["mild"], epochs=epochs, seed=seed, **budget)
+        if xl is not None:
+            clf.train_supervised(model, xl, yl, augs["mild"], epochs=epochs, seed=seed, **budget)
+        else:  # more labels than finetune.labeled_in_memory: streamed from the shards
+            loader = ShardLoader(cfg.data.shards, splits="train", keys=keys, batch_size=max(1, ft.batch_size // world),
+                                 rank=rank, world_size=world, seed=seed, num_workers=cfg.data.loader_workers,
+                                 image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
+            clf.train_supervised_stream(model, loader, augs["mild"], epochs=epochs, labeled=len(keys),
+                                        batch_size=ft.batch_size, lr=ft.lr, weight_decay=ft.weight_decay,
+                                        device=device)
         return model
 
     results, best = [], {}
     for job in config["jobs"]:
-        idx = torch.tensor([index[k] for k in job["keys"]])
-        xl, yl, seed, fraction = train_x[idx], train_y[idx], job["seed"], job["fraction"]
+        seed, fraction = job["seed"], job["fraction"]
+        xl = yl = None
+        if len(job["keys"]) > bound:
+            pass  # streamed by `fit`
+        elif held:
+            idx = torch.tensor([labeled_x[k] for k in job["keys"] if k in labeled_x], dtype=torch.long)
+            xl, yl = held_x[idx], held_y[idx]
+        else:
+            xl, yl = labeled_images(cfg.data.shards, job["keys"], size)
+        n_labels = len(job["keys"])
         tuned, tuned_s = None, 0.0  # this subset's fine-tuned model: `semi` starts from it
         for method in job["methods"]:
             torch.manual_seed(seed)
             t = time.perf_counter()
             reused = tuned is not None
             if method == "scratch":
-                model = fit(clf.build_classifier(arch), xl, yl, seed, fraction)
+                model = fit(clf.build_classifier(arch), xl, yl, seed, fraction, job["keys"])
             else:
                 if tuned is None:
                     tuned = fit(clf.build_classifier(arch, copy.deepcopy(backbone), copy.deepcopy(head)),
-                                xl, yl, seed, fraction)
+                                xl, yl, seed, fraction, job["keys"])
                     tuned_s = time.perf_counter() - t
                 model = tuned
                 if method == "semi":
                     model = _distribute(copy.deepcopy(unwrap(tuned)), sess)
                 if method == "semi" and ft.semi_method == "distill":
-                    labeled = idx.numpy()  # the train split leads the pool, so train indices are pool indices
-                    soft = propagate(pool["features"], labeled, yl.numpy(), int(arch["num_classes"]),
+                    # pool indices of the subset's labeled images that the pool holds (all of a small subset)
+                    labeled = np.array([pool["index"][k] for k in job["keys"] if k in pool["index"]], dtype=np.int64)
+                    pool_y = pool["labels"][labeled].numpy()
+                    soft = propagate(pool["features"], labeled, pool_y, int(arch["num_classes"]),
                                      k=ft.spread_k, alpha=ft.spread_alpha)
-                    stats = distill(model, pool["images"], soft, labeled, yl.numpy(), augs["mild"],
+                    stats = distill(model, pool["images"], soft, labeled, pool_y, augs["mild"],
                                     rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
                                     lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,
                                     rank=rank, world_size=world, device=device)
@@ -93,12 +122,18 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                     loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],
                                          batch_size=max(1, config["unlabeled_batch"] // world), rank=rank,
                                          world_size=world, seed=seed, num_workers=cfg.data.loader_workers,
-                                         shuffle_buffer=cfg.data.shuffle_buffer)
+                                         image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
+                    labeled_loader = None if xl is not None else ShardLoader(
+                        cfg.data.shards, splits="train", keys=job["keys"], batch_size=max(1, ft.batch_size // world),
+                        rank=rank, world_size=world, seed=seed, image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
                     stats = fixmatch(model, xl, yl, loader, augs["weak"], augs["strong"], epochs=ft.semi_epochs,
+                                     labeled_loader=labeled_loader,
                                      batch_size=ft.batch_size, lr=ft.semi_lr, weight_decay=ft.weight_decay,
                                      threshold=ft.threshold, seed=seed, rank=rank, world_size=world, device=device)
-            pred = clf.predict_logits(unwrap(model), test_x, mean, std, device=device).argmax(1).numpy()
-            acc = float((pred == test_y.numpy()).mean())
+            net = unwrap(model)
+            pred = stream_predict(lambda x, net=net: clf.predict_logits(net, x, mean, std, device=device).argmax(1).numpy(),
+                                  cfg.data.shards, size)
+            acc = float((pred == config["test_labels"]).mean())
             # semi's cost includes the fine-tuning it starts from, even when `finetune` paid for it first
             seconds = time.perf_counter() - t + (tuned_s if method == "semi" and reused else 0.0)
             row = {"method": method, "fraction": fraction, "seed_index": job["seed_index"], "accuracy": acc,
@@ -107,7 +142,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                 row.update({k: round(stats[k], 4) for k in ("mask_rate", "model_weight") if k in stats})
             results.append(row)
             if rank == 0:
-                print(f"{method:>8}  fraction {fraction:<5g} seed {job['seed_index']}  labels {len(idx):>5}  "
+                print(f"{method:>8}  fraction {fraction:<5g} seed {job['seed_index']}  labels {n_labels:>5}  "
                       f"acc {acc:.4f}  ({seconds:.1f}s)", flush=True)
             if job["seed_index"] == SHIP_SEED_INDEX and method == shipped_method(job["methods"]):
                 # the shipped model is fixed before any test accuracy exists (SELECTION)
@@ -117,21 +152,17 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     return {"results": results, "best": best}
 
 
-def _pool(config: dict[str, Any], train_x: torch.Tensor, backbone: torch.nn.Module) -> dict[str, Any]:
-    """What `distill` reads: the train split's images (labels unused) followed by up to
-    `finetune.unlabeled_pool` images of the unlabeled split (a seeded sample when it holds more), and the
-    frozen encoder's features of all of them (for label spreading). Never the test split."""
+def _pool(config: dict[str, Any], labeled_keys: list[str], backbone: torch.nn.Module) -> dict[str, Any]:
+    """What `distill` reads: a seeded sample of at most `finetune.unlabeled_pool` images of the train split
+    (labels unused; all of it, in shard order, when no larger) plus the labeled images it missed, and as many
+    of the unlabeled split, drawn by streaming the shards (`finetune.data.pool_images`); the frozen encoder's
+    features of all of them (for label spreading), and each key's pool index. Never the test split."""
     cfg, ft = config["cfg"], config["cfg"].finetune
-    parts = [train_x]
-    if "unlabeled" in config["unlabeled_splits"] and ft.unlabeled_pool > 0:
-        ux, _, _ = load_split(cfg.data.shards, "unlabeled")
-        if len(ux) > ft.unlabeled_pool:
-            g = torch.Generator().manual_seed(cfg.data.seed)
-            ux = ux[torch.randperm(len(ux), generator=g)[: ft.unlabeled_pool]]
-        parts.append(ux)
-    images = torch.cat(parts) if len(parts) > 1 else train_x
+    size = config["image_size"]
+    images, labels, keys = pool_images(cfg.data.shards, config["unlabeled_splits"], labeled_keys, ft.unlabeled_pool,
+                                       cfg.data.seed, size)
     feats = encode(backbone, images, config["mean"], config["std"], device=session().device).numpy()
-    return {"images": images, "features": feats}
+    return {"images": images, "labels": labels, "features": feats, "index": {k: i for i, k in enumerate(keys)}}
 
 
 def _distribute(model: torch.nn.Module, sess) -> torch.nn.Module:

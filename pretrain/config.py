@@ -110,6 +110,8 @@ class PretrainConfig:
     checkpoint_every: int = 1  # epochs
     knn_every: int = 5  # epochs; 0 = only at the end
     knn_k: int = 20
+    knn_bank: int = 10000  # kNN monitor: memory bank = a seeded sample of at most this many labeled train images
+    knn_queries: int = 10000  # kNN monitor: queries = a seeded sample of at most this many test images
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     channels_last: bool | None = None  # None: on GPU only
@@ -123,6 +125,8 @@ class PretrainConfig:
         _positive("pretrain.checkpoint_every", self.checkpoint_every)
         _non_negative("pretrain.knn_every", self.knn_every)
         _positive("pretrain.knn_k", self.knn_k)
+        _positive("pretrain.knn_bank", self.knn_bank)
+        _positive("pretrain.knn_queries", self.knn_queries)
         _positive("pretrain.max_nonfinite", self.max_nonfinite)
 
 
@@ -176,7 +180,13 @@ class FinetuneConfig:
     distill_rounds: int = 1  # distill: rounds > 1 distil again, blending with the last student's predictions
     spread_k: int = 10  # distill: neighbours in label spreading's kNN graph
     spread_alpha: float = 0.8  # distill: label spreading's clamping (0: keep the labels, 1: all from neighbours)
-    unlabeled_pool: int = 50000  # distill: at most this many images of the unlabeled split held in memory
+    # distill: at most this many images of the train split (besides the labeled subset) and as many of the
+    # unlabeled split held in memory: seeded samples drawn by streaming (0: the labeled images, no unlabeled)
+    unlabeled_pool: int = 50000
+    # labeled subsets of at most this many images are held in memory; larger ones are streamed from the shards
+    # (distill's pool then holds a seeded sample of this many of its labels)
+    labeled_in_memory: int = 20000
+    pixels_max_samples: int = 20000  # pixels: fit on a seeded sample of this many labeled images when more
     threshold: float = 0.9  # FixMatch confidence for pseudo-labels
     unlabeled_ratio: int = 4  # FixMatch: unlabeled batch = ratio x labeled batch
     # Where scratch/finetune/semi run. auto: Ray Train DDP over finetune.num_workers when that is >= 2; else,
@@ -213,6 +223,8 @@ class FinetuneConfig:
         if not 0 < self.spread_alpha < 1:
             raise UserError(f"finetune.spread_alpha must be in (0, 1), got {self.spread_alpha}")
         _non_negative("finetune.unlabeled_pool", self.unlabeled_pool)
+        _positive("finetune.labeled_in_memory", self.labeled_in_memory)
+        _positive("finetune.pixels_max_samples", self.pixels_max_samples)
         _non_negative("finetune.num_workers", self.num_workers)
         if not 0 < self.threshold <= 1:
             raise UserError(f"finetune.threshold must be in (0, 1], got {self.threshold}")

@@ -66,3 +66,23 @@ def knn_accuracy(backbone: nn.Module, train_images: torch.Tensor, train_labels: 
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     pred = knn_predict(train_feats, train_labels.to(train_feats.device), test_feats, k, temperature, num_classes)
     return float((pred.cpu() == test_labels.cpu()).float().mean())
+
+
+@torch.no_grad()
+def stream_features(backbone: nn.Module, batches, transform: Callable[[torch.Tensor], torch.Tensor],
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`(features [N, D] on CPU, labels [N], keys)` of streamed `(images uint8, labels, keys)` batches (e.g.
+    `pretrain.reader.iter_split`), in eval mode: only the features are kept, never the images."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels, keys = [], [], []
+    try:
+        for images, y, k in batches:
+            feats.append(backbone(transform(images.to(device))).float().cpu())
+            labels.append(y)
+            keys += list(k)
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), []
+    return torch.cat(feats), torch.cat(labels), keys

@@ -33,7 +33,7 @@ from lightly.loss import NTXentLoss
 from pretrain import checkpoint as ckpt
 from pretrain.augment import BatchAugment, normalize
 from pretrain.errors import UserError
-from pretrain.knn import knn_accuracy
+from pretrain.knn import knn_predict, stream_features
 from pretrain.launch import session
 from pretrain.model import (
     ENCODER_META,
@@ -44,7 +44,7 @@ from pretrain.model import (
     unwrap,
 )
 from pretrain.optim import build_optimizer, lr_at, set_lr
-from pretrain.reader import ShardLoader, load_split
+from pretrain.reader import ShardLoader, iter_split, sample_keys
 from pretrain.shards import read_manifest
 from pretrain.tracking import init_tracking, view_grid
 
@@ -210,9 +210,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             record["resumed_from"] = start_epoch
         if rank == 0 and ((p.knn_every and done % p.knn_every == 0) or done == p.epochs):
             knn_data = knn_data or _knn_data(cfg, manifest)
-            last_knn = record["knn_acc"] = knn_accuracy(
-                unwrap(model).backbone, *knn_data, transform=lambda u: normalize(u, mean, std),
-                batch_size=256, device=device, k=p.knn_k, num_classes=len(manifest["classes"]))
+            last_knn, record["knn_bank"], record["knn_queries"] = knn_monitor(
+                unwrap(model).backbone, cfg, manifest, knn_data, device)
+            record["knn_acc"] = last_knn
         if rank == 0:
             history.append(record)
             if on_driver:
@@ -304,12 +304,35 @@ def reduce_sums(values: list[float], device: torch.device, distributed: bool) ->
     return t.tolist()
 
 
-def _knn_data(cfg: Any, manifest: dict[str, Any]):
-    """The whole labeled train split as memory bank, the test split as queries (uint8, in memory)."""
-    train_x, train_y, _ = load_split(cfg.data.shards, "train", image_size=cfg.data.image_size)
-    test_x, test_y, _ = load_split(cfg.data.shards, "test", image_size=cfg.data.image_size)
-    keep = train_y >= 0
-    return train_x[keep], train_y[keep], test_x, test_y
+def _knn_data(cfg: Any, manifest: dict[str, Any]) -> tuple[list[str] | None, list[str] | None]:
+    """Which images the kNN monitor reads, drawn once per run: a seeded sample of at most `pretrain.knn_bank`
+    labeled train images (the memory bank) and `pretrain.knn_queries` test images (the queries), as key lists
+    (None: the whole split, when it is no larger). Keys only: the images are streamed at each measurement."""
+    p = cfg.pretrain
+    return (sample_keys(cfg.data.shards, "train", p.knn_bank, seed=p.seed, labeled=True),
+            sample_keys(cfg.data.shards, "test", p.knn_queries, seed=p.seed))
+
+
+def knn_monitor(backbone: torch.nn.Module, cfg: Any, manifest: dict[str, Any],
+                knn_data: tuple[list[str] | None, list[str] | None], device: torch.device,
+                batch_size: int = 256) -> tuple[float, int, int]:
+    """(k=20 cosine kNN accuracy, bank size, query count): the bank's and queries' shards streamed through
+    the backbone in batches of `batch_size` at the training size; only their features are held."""
+    bank_keys, query_keys = knn_data
+    mean, std, size = manifest["mean"], manifest["std"], cfg.data.image_size
+
+    def features(split: str, keys: list[str] | None):
+        batches = iter_split(cfg.data.shards, split, keys=keys, image_size=size, batch_size=batch_size)
+        return stream_features(backbone, batches, lambda u: normalize(u, mean, std), device)
+
+    bank, bank_y, _ = features("train", bank_keys)
+    keep = bank_y >= 0
+    bank, bank_y = bank[keep], bank_y[keep]
+    queries, query_y, _ = features("test", query_keys)
+    if not len(bank) or not len(queries):
+        return float("nan"), len(bank), len(queries)
+    pred = knn_predict(bank, bank_y, queries, cfg.pretrain.knn_k, 0.1, len(manifest["classes"]))
+    return float((pred.cpu() == query_y).float().mean()), len(bank), len(queries)
 
 
 @contextlib.contextmanager

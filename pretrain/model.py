@@ -119,7 +119,7 @@ def encoder_meta(cfg, manifest: dict, model: nn.Module, epochs: int, knn_acc: fl
         "timm_kwargs": dict(cfg.model.timm_kwargs),
         "in_chans": int(manifest["channels"]),
         "stem": cfg.model.stem,
-        "image_size": int(manifest["image_size"]),
+        "image_size": int(cfg.data.image_size or manifest["image_size"]),  # the size it was trained at
         "mean": [float(v) for v in manifest["mean"]],
         "std": [float(v) for v in manifest["std"]],
         "epochs": int(epochs),
@@ -222,15 +222,23 @@ def _load_strict(module: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def check_compatible(meta: dict[str, Any], manifest: dict) -> None:
-    """Refuse an encoder trained on differently shaped data than the shards given."""
+def check_compatible(meta: dict[str, Any], manifest: dict, image_size: int | None = None) -> None:
+    """Refuse an encoder trained on differently shaped data than the shards given: other channels, or
+    another size than `image_size` (the fine-tuning run's `data.image_size`: one resolution end to end;
+    without it, the shards' own size)."""
     if int(meta["in_chans"]) != int(manifest["channels"]):
         raise UserError(
             f"encoder expects {meta['in_chans']}-channel images but the shards have {manifest['channels']}: "
             "use an encoder pretrained on this data (set `encoder`) or pretrain again"
         )
     size = meta.get("image_size")
-    if size is not None and int(size) != int(manifest["image_size"]):
+    if size is not None and image_size is not None and int(size) != int(image_size):
+        raise UserError(
+            f"encoder was pretrained on {size} px images but data.image_size={image_size}: set "
+            f"data.image_size={size} (fine-tuning runs at the encoder's size) or use an encoder pretrained at "
+            f"{image_size} px"
+        )
+    if size is not None and image_size is None and int(size) != int(manifest["image_size"]):
         raise UserError(
             f"encoder was pretrained on {size} px images but the shards are {manifest['image_size']} px: "
             "use an encoder pretrained on this data (set `encoder`) or pretrain again"

@@ -41,7 +41,7 @@ def _encoder(out: Path, manifest: dict, in_chans: int | None = None, image_size:
     if in_chans is not None:
         m["channels"] = in_chans
     if image_size is not None:
-        m["image_size"] = image_size
+        m["image_size"] = cfg.data.image_size = image_size
     torch.manual_seed(0)
     model = build_model(cfg.model, int(m["channels"]))
     save_encoder(out, model, encoder_meta(cfg, m, model, epochs=0, knn_acc=None))
