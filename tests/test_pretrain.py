@@ -277,3 +277,10 @@ def test_ray_restarts_exhausted_is_one_line_naming_the_dead_worker(shards, ray_c
     assert [x for x in err if x.startswith("error: ")] == err[-1:]
     assert "training failed after 0 restart(s): rank 1's worker process died" in err[-1]
     assert not (run / "encoder.json").exists()
+
+
+def test_max_steps_per_epoch_caps_every_epoch(shards, tmp_path):
+    run = tmp_path / "capped"
+    assert cli(["--local", f"output_dir={run}", f"data.shards={shards}", *TINY, "pretrain.epochs=2",
+                "pretrain.knn_every=0", "pretrain.max_steps_per_epoch=3"]) == 0
+    assert [r["step"] for r in metrics(run)] == [3, 6]  # uncapped: 23 steps of 64 per epoch
