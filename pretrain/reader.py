@@ -12,6 +12,9 @@ uneven sizes gives exactly that, so the split across ranks is done here, by samp
   Every rank yields exactly that many full batches: a worker that has shown all of its samples once starts
   again on its own samples in a new order (resampling, not an equal cut), so together the ranks cover the
   whole split every epoch and a few samples are seen twice. A corrupt sample is replaced the same way.
+* Mixing (training): a loader worker keeps up to `open_shards` of its pieces open and draws each next sample
+  from a random one, then shuffles through the buffer, so shards holding long runs of one class (written
+  class by class by another tool) still give batches of many classes.
 * With `equal_batches=False, shuffle=False` (evaluation) each sample of the rank's part is yielded exactly
   once, in shard order, the last batch of each loader worker partial.
 
