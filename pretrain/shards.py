@@ -5,9 +5,10 @@ Layout of an output DIR (see docs/interfaces.md):
     DIR/subsets/labeled-<fraction>-seed<seed>.txt      one train key per line
     DIR/manifest.json                                  written last, atomically, with "complete": true
 
-Shards are planned in the parent (keys numbered per split in source order, then each split in a seeded random
-order across classes) and written by a process pool, one task per shard, each to a temporary name renamed into place,
-so the output is the same for any `workers`. A DIR without a complete manifest is a crashed run: our own files in it are removed and redone.
+Shards are planned in the parent (keys numbered per split in source order, then each split in a seeded
+random order across classes) and written by a process pool, one task per shard, each to a temporary name
+renamed into place, so the output is the same for any `workers`. A DIR without a complete manifest is a
+crashed run: our own files in it are removed and redone.
 """
 
 from __future__ import annotations
