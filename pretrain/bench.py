@@ -10,7 +10,9 @@ Sections (choose with --parts; each one measures one thing):
 - `end_to_end`: the same step fed by the real loader, in-process (`--local`); `pipeline_efficiency` =
                 end-to-end / model-only (1.0 = data loading fully hidden);
 - `ray`:        the same steps under Ray Train with one worker against in-process, and launch-to-first-step;
-- `scaling`:    1 against 2 Ray Train workers at the same global batch.
+- `scaling`:    1 against 2 Ray Train workers at the same global batch;
+- `memory`:     (only when asked for) peak resident memory of every process of `shard`, `pretrain` and
+                `finetune` on synthetic folders of 10,000 and 100,000 images (`pretrain/bench_memory.py`).
 Every figure is the median of `repeats` timed runs after a warm-up, with torch's thread count fixed and
 written into the output. On a GPU the same code measures there: augmentation on the device, bf16
 autocast and channels_last (as the training loop does).
@@ -38,7 +40,7 @@ import torch
 
 from pretrain.errors import UserError
 
-PARTS = ("loader", "decode", "model", "end_to_end", "ray", "scaling")
+PARTS = ("loader", "decode", "model", "end_to_end", "ray", "scaling", "memory")
 # Without --config the bench measures the issue's reference setting: CIFAR-like 32 px shards, ResNet-18 at
 # full width with the small stem, the `small` (CIFAR) augmentation preset.
 BENCH_DEFAULTS = ["model.name=resnet18", "model.timm_kwargs={}", "model.stem=small", "augment.preset=small",
@@ -550,7 +552,12 @@ def table(r: dict) -> str:
     lines = [f"selfsup bench: {m['backbone']} {m['timm_kwargs'] or '(timm defaults)'} stem={m['stem']}, "
              f"{m['image_size']} px x {m['channels']} ch, batch {m['batch']}, {m['precision']}, device "
              f"{m['device']} ({m['device_name']}), torch threads {m['threads']} of {m['cpu_count']} cores, "
-             f"median of {m['repeats']} after {m['warmup']} warm-up"]
+             f"median of {m['repeats']} after {m['warmup']} warm-up"] if "backbone" in m else []
+    if "memory" in r:
+        mm = r["memory"]
+        lines.append(f"selfsup bench memory: {mm['model']} {mm['timm_kwargs'] or '(timm defaults)'}, "
+                     f"{mm['image_size']} px, {mm['classes']} classes, trainer.num_workers={mm['trainer_num_workers']}, "
+                     f"peak resident memory per process (MiB), ratio = largest / smallest size")
     rows: list[tuple[str, str, str]] = []
 
     def add(section: str, what: str, value: float, unit: str) -> None:
@@ -591,6 +598,10 @@ def table(r: dict) -> str:
             add("scaling", f"1 worker x {s['threads_per_worker_1']} threads", s["workers_1_images_per_s"], "img/s")
             add("scaling", f"2 workers x {s['threads_per_worker_2']} threads", s["workers_2_images_per_s"], "img/s")
             add("scaling", f"speedup on {s['cores']} cores", s["speedup"], "x")
+    if "memory" in r:
+        from pretrain.bench_memory import memory_rows
+
+        rows += memory_rows(r["memory"])
     w0, w1 = max(len(x[0]) for x in rows) if rows else 0, max(len(x[1]) for x in rows) if rows else 0
     lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
     lines.append(f"total {m.get('wall_s', 0):.0f} s")
@@ -612,7 +623,6 @@ def write_json(r: dict, path: str | os.PathLike) -> Path:
 def main(args: Any) -> int:
     """`selfsup bench`: options from `pretrain.cli.add_bench_args`."""
     from pretrain.config import load_config
-    from pretrain.shards import read_manifest
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -629,10 +639,50 @@ def main(args: Any) -> int:
         loader_workers = [-1]
     if not loader_workers or min(loader_workers) < 0:
         raise UserError(f"--loader-workers must be a comma list of counts >= 0, got {args.loader_workers!r}")
+    memory_sizes = _memory_sizes(args) if "memory" in parts else []
     overrides = ([] if args.config else list(BENCH_DEFAULTS)) + list(args.overrides)
     if args.backbone:
         overrides.append(f"model.name={args.backbone}")
     cfg = load_config(args.config, overrides)
+    others = [p for p in parts if p != "memory"]
+    results: dict[str, Any] = {"meta": {"parts": parts, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    if others:
+        results = _run_parts(args, cfg, others, loader_workers)
+        results["meta"]["parts"] = parts
+    if memory_sizes:
+        from pretrain.bench_memory import BUDGET, MODEL, bench_memory
+
+        t0 = time.perf_counter()
+        mem_overrides = ([] if args.config else list(BENCH_DEFAULTS) + MODEL) + BUDGET + list(args.overrides)
+        if args.backbone:
+            mem_overrides.append(f"model.name={args.backbone}")
+        mem_cfg = load_config(args.config, mem_overrides + [f"data.image_size={args.image_size or 32}"])
+        results["memory"] = bench_memory(mem_cfg, memory_sizes, classes=args.memory_classes,
+                                         image_size=args.image_size or 32, work_dir=args.memory_dir,
+                                         log=lambda s: print(s, flush=True))
+        results["meta"]["wall_s"] = results["meta"].get("wall_s", 0) + time.perf_counter() - t0
+    out = write_json(results, args.out)
+    print(table(results))
+    print(f"wrote {out}")
+    return 0
+
+
+def _memory_sizes(args: Any) -> list[int]:
+    try:
+        sizes = sorted({int(s) for s in str(args.memory_sizes).split(",") if s.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or args.memory_classes < 1 or min(sizes) < 2 * args.memory_classes:
+        raise UserError(f"--memory-sizes must be a comma list of image counts, each at least 2 x --memory-classes "
+                        f"({2 * max(1, args.memory_classes)}), got {args.memory_sizes!r}")
+    return sizes
+
+
+def _run_parts(args: Any, cfg: Any, parts: list[str], loader_workers: list[int]) -> dict:
+    """The sections other than memory, on the given or generated shards."""
+    from pretrain.shards import read_manifest
+
     threads = args.threads or os.cpu_count() or 1
     made = None
     if args.shards:
@@ -654,7 +704,4 @@ def main(args: Any) -> int:
     finally:
         if made:
             shutil.rmtree(made, ignore_errors=True)
-    out = write_json(results, args.out)
-    print(table(results))
-    print(f"wrote {out}")
-    return 0
+    return results

@@ -149,7 +149,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="crop size (default: 32, or the shards' size)")
     p.add_argument("--batch", type=int, default=256, help="global batch of source images (two views each)")
     p.add_argument("--parts", default="loader,decode,model,end_to_end,ray,scaling",
-                   help="comma list of sections to run")
+                   help="comma list of sections to run (also: memory, not run by default)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--shards", default=None, help="shards dir to read (default: write CIFAR-like shards to a temp dir)")
@@ -159,6 +159,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-threads", type=int, default=1,
                    help="torch threads of the loader section's main process (1: a per-core comparison)")
     p.add_argument("--decode-images", type=int, default=1000, help="images per timed decode repeat")
+    p.add_argument("--memory-sizes", default="10000,100000",
+                   help="memory part: image counts of the synthetic folders, comma list (default 10000,100000)")
+    p.add_argument("--memory-classes", type=int, default=100, help="memory part: classes of the folders (default 100)")
+    p.add_argument("--memory-dir", default=None,
+                   help="memory part: keep its folders, shards, runs and logs here (default: a temp dir, removed)")
     p.add_argument("--out", default="bench.json", help="where to write the figures (default ./bench.json)")
 
 

@@ -117,9 +117,13 @@ class PretrainConfig:
     channels_last: bool | None = None  # None: on GPU only
     compile: bool = False
     max_nonfinite: int = 5  # non-finite losses in a row before the run stops
+    # at most this many steps per epoch (0 = no cap: every rank's part of the data once); for quick runs and
+    # benchmarks on large data. Every rank runs the same number of steps either way.
+    max_steps_per_epoch: int = 0
 
     def check(self) -> None:
         _positive("pretrain.epochs", self.epochs)
+        _non_negative("pretrain.max_steps_per_epoch", self.max_steps_per_epoch)
         _positive("pretrain.batch_size", self.batch_size)
         _positive("pretrain.temperature", self.temperature)
         _positive("pretrain.checkpoint_every", self.checkpoint_every)

@@ -85,7 +85,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     # ---- optimiser and schedule: lr = base_lr * global_batch / 256, linear warmup then cosine, per step
     optimizer = build_optimizer(cfg.optim, model, p.batch_size)
     peak_lr = optimizer.param_groups[0]["lr"]
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader)  # the same on every rank
+    if p.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch)
     total_steps = p.epochs * steps_per_epoch
     warmup_steps = cfg.optim.warmup_epochs * steps_per_epoch
 

@@ -12,6 +12,9 @@ uneven sizes gives exactly that, so the split across ranks is done here, by samp
   Every rank yields exactly that many full batches: a worker that has shown all of its samples once starts
   again on its own samples in a new order (resampling, not an equal cut), so together the ranks cover the
   whole split every epoch and a few samples are seen twice. A corrupt sample is replaced the same way.
+* Mixing (training): a loader worker keeps up to `open_shards` of its pieces open and draws each next sample
+  from a random one, then shuffles through the buffer, so shards holding long runs of one class (written
+  class by class by another tool) still give batches of many classes.
 * With `equal_batches=False, shuffle=False` (evaluation) each sample of the rank's part is yielded exactly
   once, in shard order, the last batch of each loader worker partial.
 
@@ -51,6 +54,11 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "gif")
 MIN_SIDE = 8  # shorter side below min(MIN_SIDE, image_size): nothing to crop from, skipped (1x1 images)
 _WARN_FIRST = 3  # warnings per reason and process before going quiet (counts keep going)
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
+# shard pieces each loader worker reads at once when shuffling, each next sample drawn from a random open
+# one, so that shards written class by class by another tool still give batches of many classes. A local
+# shard open costs a file handle and an 8 KiB buffer; remote ones (pipe:, s3://, http) a connection each.
+OPEN_SHARDS = 128
+OPEN_REMOTE_SHARDS = 16
 
 
 # ------------------------------------------------------------------ public
@@ -79,6 +87,7 @@ class ShardLoader:
         keys: Iterable[str] | None = None,
         equal_batches: bool = True,
         shuffle_buffer: int = 1000,
+        open_shards: int = OPEN_SHARDS,
     ):
         if batch_size <= 0:
             raise UserError(f"batch size per rank must be positive, got {batch_size}: raise pretrain.batch_size")
@@ -86,6 +95,8 @@ class ShardLoader:
             raise UserError(f"rank {rank} is outside world size {world_size}")
         if num_workers < 0:
             raise UserError(f"data.loader_workers must be zero or positive, got {num_workers}")
+        if open_shards < 1:
+            raise UserError(f"open_shards must be at least 1, got {open_shards}")
         self.manifest = read_manifest(shards_dir)
         splits = (splits,) if isinstance(splits, str) else tuple(splits)
         shards = split_shards(shards_dir, self.manifest, splits)
@@ -125,6 +136,7 @@ class ShardLoader:
             num_classes=len(self.manifest["classes"]),
             keys=keyset,
             epoch_value=self._epoch_value,
+            open_shards=open_shards,
         )
         self._loader = None
         if num_workers > 0:
@@ -376,12 +388,14 @@ class _ShardStream(IterableDataset):
     """One rank's batches; `iterate(worker)` is one loader worker's share (all of it when no workers)."""
 
     def __init__(self, *, shards, total, batch_size, rank, world_size, workers, seed, shuffle, equal_batches,
-                 shuffle_buffer, channels, image_size, nominal_size, num_classes, keys, epoch_value):
+                 shuffle_buffer, channels, image_size, nominal_size, num_classes, keys, epoch_value,
+                 open_shards=OPEN_SHARDS):
         self.shards, self.total = shards, total
         self.batch_size, self.rank, self.world_size, self.workers = batch_size, rank, world_size, workers
         self.seed, self.shuffle, self.equal_batches, self.shuffle_buffer = seed, shuffle, equal_batches, shuffle_buffer
         self.channels, self.image_size, self.nominal_size = channels, image_size, nominal_size
         self.num_classes, self.keys, self.epoch_value = num_classes, keys, epoch_value
+        self.open_shards = open_shards
 
     def _worker_sizes(self, rank: int) -> list[int]:
         return part_sizes(part_sizes(self.total, self.world_size)[rank], self.workers)
@@ -465,16 +479,51 @@ class _ShardStream(IterableDataset):
             yield empty, torch.empty(0, dtype=torch.int64), skips, fixes
 
     def _pass(self, pieces: list[_Piece], epoch: int, worker: int, rounds: int, decoder: _Decoder):
-        """One pass over the worker's pieces; with shuffling, a new piece order and buffer order per round.
-        The buffer is drained at the end of each pass, so a pass shows every sample before the next starts."""
+        """One pass over the worker's pieces; with shuffling, a new piece order and buffer order per round,
+        up to `open_shards` pieces read at once (interleaved) and then the shuffle buffer. The buffer is
+        drained at the end of each pass, so a pass shows every sample before the next starts."""
         order = list(pieces)
         rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}-{rounds}")
         if self.shuffle and rounds:
             rng.shuffle(order)
-        stream = ((s, p.shard) for p in order for s in _samples(p.shard, decoder.skips, self.keys, p.start, p.stop))
+        if self.shuffle and self.open_shards > 1:
+            remote = any(URL_SCHEME.match(p.shard.url) and not p.shard.url.startswith("file:") for p in order)
+            open_max = min(self.open_shards, OPEN_REMOTE_SHARDS) if remote else self.open_shards
+            stream = _interleave(order, open_max, rng, decoder.skips, self.keys)
+        else:  # evaluation: shard order, one piece after the other
+            stream = ((s, p.shard) for p in order for s in _samples(p.shard, decoder.skips, self.keys, p.start, p.stop))
         if self.shuffle and self.shuffle_buffer > 1:
             stream = wds_shuffle(bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(stream)
         return stream
+
+
+def _interleave(pieces: list[_Piece], open_max: int, rng: random.Random, skips: Counter,
+                keys: frozenset | None) -> Iterator[tuple[dict, _Shard]]:
+    """Samples of `pieces`, `open_max` pieces open at a time (webdataset's random mixing of sources, seeded):
+    each next sample comes from an open piece drawn uniformly at random; a finished piece is replaced by the
+    next one in order. Every sample exactly once; the same pieces and `rng` state give the same order."""
+    pending = iter(pieces)
+    open_: list[tuple[Iterator, _Shard]] = []
+
+    def refill() -> None:
+        while len(open_) < open_max and (p := next(pending, None)) is not None:
+            # _samples is a generator: the shard is opened at its first sample, closed at its end
+            open_.append((_samples(p.shard, skips, keys, p.start, p.stop), p.shard))
+
+    refill()
+    try:
+        while open_:
+            i = rng.randrange(len(open_))
+            sample = next(open_[i][0], None)
+            if sample is None:  # done (or a truncated shard ended early: counted by _samples)
+                open_[i] = open_[-1]
+                open_.pop()
+                refill()
+                continue
+            yield sample, open_[i][1]
+    finally:
+        for it, _ in open_:
+            it.close()
 
 
 # ------------------------------------------------------------------ reading and decoding

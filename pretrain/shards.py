@@ -5,9 +5,10 @@ Layout of an output DIR (see docs/interfaces.md):
     DIR/subsets/labeled-<fraction>-seed<seed>.txt      one train key per line
     DIR/manifest.json                                  written last, atomically, with "complete": true
 
-Shards are planned in the parent (keys numbered per split in source order) and written by a process pool,
-one task per shard, each to a temporary name renamed into place, so the output is the same for any
-`workers`. A DIR without a complete manifest is a crashed run: our own files in it are removed and redone.
+Shards are planned in the parent (keys numbered per split in source order, then each split in a seeded
+random order across classes) and written by a process pool, one task per shard, each to a temporary name
+renamed into place, so the output is the same for any `workers`. A DIR without a complete manifest is a
+crashed run: our own files in it are removed and redone.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ PARALLEL_MIN_IMAGES = 4096  # below this, shards are written in this process (a 
 _OURS = re.compile(r"^(\.?(train|test|unlabeled)-\d{6}\.tar(\.tmp)?|\.manifest\.json\..*\.tmp)$")
 # encoded formats kept as they are in folders; anything else is re-encoded as PNG
 _FOLDER_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+SHUFFLE_SEED = 0  # the order of samples in the shards (fixed: see _shuffled_splits)
 _MTIME = 946684800.0  # a fixed member time (2000-01-01): the same inputs give byte-identical shards
 
 
@@ -279,7 +281,6 @@ def _clean_half_written(out: Path) -> None:
 def _plan(src: Source, out: Path, shard_size: int, size: int | None) -> Iterator[tuple]:
     """One task per shard: (path, [(key, label, image)], size, upscale, channels, train?)."""
     buffers: dict[str, list] = {}
-    counters: dict[str, int] = {}
     shard_index: dict[str, int] = {}
 
     def task(split: str) -> tuple:
@@ -289,15 +290,28 @@ def _plan(src: Source, out: Path, shard_size: int, size: int | None) -> Iterator
         path = _inside(out, f"{split}-{i:06d}.tar")
         return split, i, str(path), items, size, src.upscale, src.channels
 
-    for split, label, image in src.records:
-        n = counters.get(split, 0)
-        counters[split] = n + 1
-        buffers.setdefault(split, []).append((f"{split}-{n:08d}", label, image))
-        if len(buffers[split]) >= shard_size:
+    for split, records in _shuffled_splits(src.records):
+        for item in records:
+            buffers.setdefault(split, []).append(item)
+            if len(buffers[split]) >= shard_size:
+                yield task(split)
+        if buffers.get(split):
             yield task(split)
-    for split in list(buffers):
-        if buffers[split]:
-            yield task(split)
+
+
+def _shuffled_splits(records: Iterator[tuple]) -> Iterator[tuple[str, list[tuple[str, int, Any]]]]:
+    """`(split, [(key, label, image)])` per split, keys numbered in source order, the list in a random
+    order across classes: sources list images class by class, and a shard of one or two classes gives
+    batches of one or two classes (the WebDataset convention is to shuffle before writing). The order is
+    seeded by `SHUFFLE_SEED` and the split's name, not `--seed`: the shards are the same for every
+    labeled-subset seed. Only references are held (paths, array views), never decoded images."""
+    by_split: dict[str, list[tuple[str, int, Any]]] = {}
+    for split, label, image in records:
+        items = by_split.setdefault(split, [])
+        items.append((f"{split}-{len(items):08d}", label, image))
+    for split, items in by_split.items():
+        rng = np.random.default_rng([SHUFFLE_SEED, *split.encode()])
+        yield split, [items[i] for i in rng.permutation(len(items))]
 
 
 def _run_tasks(tasks: Iterator[tuple], workers: int, total: int, progress: bool | None) -> list[dict]:

@@ -90,3 +90,57 @@ def test_ray_and_scaling(tmp_path):
     assert s["threads_per_worker_1"] == 2 and s["threads_per_worker_2"] == 1
     assert_positive(y, "ray")
     assert_positive(s, "scaling")
+
+
+# ------------------------------------------------------------------ memory
+
+
+def test_memory_sampler_sees_every_process_of_the_tree(tmp_path):
+    """A driver that starts a child holding 300 MiB: the child's peak is recorded, apart from the driver's."""
+    import sys
+
+    from pretrain.bench_memory import run_measured
+
+    child = "b = bytearray(300 * 2**20); import time; time.sleep(1.0)"
+    driver = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], check=True)"
+    r = run_measured([sys.executable, "-c", driver], dict(__import__("os").environ), tmp_path / "log")
+    assert r["rc"] == 0
+    kinds = {p["kind"] for p in r["processes"]}
+    assert kinds == {"driver", "other"} and len(r["processes"]) == 2
+    assert r["other_mb"] >= 300 and r["driver_mb"] < 200 and r["max_process_mb"] == r["other_mb"]
+    assert r["tree_mb"] >= 300
+
+
+def test_memory_bad_sizes_is_one_line_error(tmp_path, capsys):
+    rc = main(["bench", "--parts", "memory", "--memory-sizes", "10,x", "--out", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--memory-sizes" in err and "\n" not in err
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.slow
+def test_memory_part_runs_every_stage_at_two_sizes(tmp_path, capsys):
+    """The real stages as child processes on 300 and 600 generated images (in-process stages: no Ray)."""
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--parts", "memory", "--memory-sizes", "300,600", "--memory-classes", "10",
+               "--image-size", "16", "--out", str(out), "trainer.num_workers=0", "trainer.torch_threads=1",
+               "model.timm_kwargs={channels: [8, 8, 16, 16]}", "model.proj_hidden_dim=32", "model.proj_output_dim=16",
+               "pretrain.max_steps_per_epoch=2", "pretrain.batch_size=32",
+               "finetune.methods=[pixels, knn, linear, finetune]"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    m = r["memory"]
+    assert m["sizes"] == [300, 600] and m["classes"] == 10 and m["image_size"] == 16
+    for n in ("300", "600"):
+        for stage in ("shard", "pretrain", "finetune"):
+            row = m["runs"][n][stage]
+            assert row["rc"] == 0 and row["wall_s"] > 0
+            assert row["driver_mb"] > 0 and row["max_process_mb"] >= row["driver_mb"]
+            assert row["tree_mb"] >= row["driver_mb"] * 0.9 and row["processes"]
+    for stage in ("shard", "pretrain", "finetune"):
+        assert set(m["ratios"][stage]) == {"driver_mb", "ray_worker_mb", "max_process_mb", "tree_mb"}
+        assert m["ratios"][stage]["driver_mb"] == pytest.approx(
+            m["runs"]["600"][stage]["driver_mb"] / m["runs"]["300"][stage]["driver_mb"], rel=1e-2)
+        assert isinstance(m["within_target"][stage], bool)
+    printed = capsys.readouterr().out
+    assert "memory pretrain" in printed and "ratio" in printed

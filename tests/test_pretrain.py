@@ -305,3 +305,10 @@ def test_the_encoder_and_metrics_travel_in_the_checkpoint(shards, tmp_path):
     after = load_file(run / "encoder.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert [r["epoch"] for r in metrics(run)] == [1]
+
+
+def test_max_steps_per_epoch_caps_every_epoch(shards, tmp_path):
+    run = tmp_path / "capped"
+    assert cli(["--local", f"output_dir={run}", f"data.shards={shards}", *TINY, "pretrain.epochs=2",
+                "pretrain.knn_every=0", "pretrain.max_steps_per_epoch=3"]) == 0
+    assert [r["step"] for r in metrics(run)] == [3, 6]  # uncapped: 23 steps of 64 per epoch

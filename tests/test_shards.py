@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_back(out: Path, manifest: dict) -> dict[str, list[dict]]:
-    """Every sample of every split, decoded by webdataset's own reader; tar member counts checked too."""
+    """Every sample of every split, decoded by webdataset's own reader, in key order (the source's order;
+    the shards hold them shuffled); tar member counts checked too."""
     samples = {}
     for split, info in manifest["splits"].items():
         assert len(info["shards"]) == len(info["shard_counts"])
@@ -48,7 +49,7 @@ def read_back(out: Path, manifest: dict) -> dict[str, list[dict]]:
         urls = [shard_url(out, rel) for rel in info["shards"]]
         got = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8")) if urls else []
         assert len(got) == info["count"] == sum(info["shard_counts"])
-        samples[split] = got
+        samples[split] = sorted(got, key=lambda s: s["__key__"])
     keys = [s["__key__"] for ss in samples.values() for s in ss]
     assert len(keys) == len(set(keys)), "keys must be unique across splits"
     return samples
