@@ -19,6 +19,7 @@ import yaml
 
 from pretrain.config import Config, save_config, to_dict
 from pretrain.errors import UserError
+from pretrain.runlock import hold, lock_scope
 
 STAGES = ("shard", "pretrain", "finetune")
 # The config sections whose change makes a finished stage stale (the rest -- trainer, wandb -- only say how
@@ -27,6 +28,7 @@ PRETRAIN_KEYS = ("data.shards", "augment", "model", "optim", "pretrain")
 FINETUNE_KEYS = ("finetune", "encoder")
 
 
+@lock_scope
 def run_pipeline(cfg: Config, force: list[str] | tuple[str, ...] = (), local: bool = False) -> dict[str, Any]:
     """Run the stages not yet done (and every stage from the first forced one on); return the summary."""
     for stage in force:
@@ -41,6 +43,7 @@ def run_pipeline(cfg: Config, force: list[str] | tuple[str, ...] = (), local: bo
     except OSError as e:
         raise UserError(f"cannot create output_dir {out} ({e.strerror or e}): choose a writable directory "
                         f"(output_dir=...)") from None
+    hold(out, "selfsup pipeline")  # one run per output_dir: a second one refuses here, before any stage runs
     # One W&B group for both stages' runs, whatever each stage would default to.
     cfg.wandb.group = cfg.wandb.group or cfg.name
     with tempfile.TemporaryDirectory(prefix="selfsup-pipeline-") as tmp:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pretrain.config import umask_mode
 from pretrain.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -77,6 +78,7 @@ def save_checkpoint(directory: str | os.PathLike, *, model_state: dict[str, torc
     d.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared or non-contiguous storage; a detached contiguous copy is always safe
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(d / MODEL_FILE))
+    os.chmod(d / MODEL_FILE, umask_mode())  # safetensors creates 0600 files: the user's umask instead
     torch.save({"optimizer": optimizer_state, "rng": rng if rng is not None else rng_state()}, d / STATE_FILE)
     sizes = {name: (d / name).stat().st_size for name in (MODEL_FILE, STATE_FILE)}
     text = json.dumps({**meta, "files": sizes}, indent=1, sort_keys=True)
@@ -91,6 +93,7 @@ def save_checkpoint_atomic(final_dir: str | os.PathLike, **kwargs: Any) -> Path:
     final = Path(final_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    os.chmod(tmp, umask_mode(directory=True))  # it becomes the checkpoint dir: not mkdtemp's 0700
     try:
         save_checkpoint(tmp, **kwargs)
         if final.exists():  # a stale or partial directory of the same epoch: replace it

@@ -94,7 +94,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         last_knn, wandb_id = meta.get("knn_acc"), meta.get("wandb_id")
     if rank == 0:
         _truncate_metrics(out / METRICS, start_epoch)
-        (out / "encoder.json").unlink(missing_ok=True)  # a stale done-marker must not outlive more training
+        # a finished run's encoder (resumed for more epochs) stays until save_encoder has its replacement
+        # written in full: a run stopped before that (a full disk, Ctrl-C) loses no finished result
         if resume is not None:
             sess.log(f"[pretrain] resumed from {resume} at epoch {start_epoch}")
             _append_json(out / EVENTS, {"event": "resume", "from_epoch": start_epoch, "checkpoint": str(resume),
@@ -308,7 +309,11 @@ def _truncate_metrics(path: Path, keep_epochs: int) -> None:
         except ValueError:
             continue  # a line cut short by a crash
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
+    try:
+        tmp.write_text("".join(k + "\n" for k in kept))
+    except BaseException:  # a full disk: no temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
