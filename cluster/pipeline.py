@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from finetune.report import MIN_TEST_SAMPLES_FOR_VERDICT
 from pretrain.config import Config, save_config, to_dict
 from pretrain.errors import UserError
 from pretrain.runlock import hold, lock_scope
@@ -295,6 +296,7 @@ def summarize(cfg: Config) -> dict[str, Any]:
         "wandb_group": cfg.wandb.group,
         "headline": headline(report.get("results", [])),
         "skipped_samples": _skipped(cfg),
+        "test_samples": report.get("test_samples"),
     }
     return summary
 
@@ -358,7 +360,12 @@ def format_summary(s: dict[str, Any]) -> str:
             b = h["best"]
             wins = all(b["accuracy_mean"] - r["accuracy_mean"] > 2 * max(b["accuracy_std"], r["accuracy_std"])
                        for r in others)
-            line += f" vs {base} ({'ahead of both by more than 2 std' if wins else 'not ahead of both by 2 std'})"
+            n_test = s.get("test_samples")
+            if isinstance(n_test, int) and n_test < MIN_TEST_SAMPLES_FOR_VERDICT:
+                verdict = f"too few test images ({n_test}) for a 2-std verdict"
+            else:
+                verdict = "ahead of both by more than 2 std" if wins else "not ahead of both by 2 std"
+            line += f" vs {base} ({verdict})"
         lines.append(line)
     if s.get("skipped_samples"):
         lines.append("corrupt samples skipped: " + ", ".join(f"{k} {v}" for k, v in s["skipped_samples"].items()))

@@ -21,6 +21,10 @@ def finetune_main(args: argparse.Namespace) -> int:
     _claim_output_dir(cfg.output_dir)
     report = run_finetune(cfg)
     for c in report["comparisons"]:
+        if c.get("too_few_test_samples"):
+            print(f"{c['label_fraction']:g} labeled: {c['best']} {c['accuracy_mean']:.4f}; too few test images "
+                  f"({report.get('test_samples')}) for a 2-std verdict against {', '.join(c['against'])}")
+            continue
         verdict = "beats" if c["beats_all_baselines_by_2std"] else "does NOT beat"
         print(f"{c['label_fraction']:g} labeled: {c['best']} {c['accuracy_mean']:.4f} {verdict} "
               f"{', '.join(c['against'])} by > 2 std")

@@ -201,6 +201,7 @@ def write_shards(
         return done
 
     src = open_source(source, input_dir, test_fraction)  # bad input fails here, before DIR is created
+    _check_splits(src, fractions)
     size = image_size if image_size is not None else src.default_image_size
     _make_out_dir(out)
     hold(out, f"selfsup shard {source}")  # one writer per dir: a second one refuses before touching a file
@@ -225,6 +226,28 @@ def write_shards(
         raise UserError(disk_full_message(out, need, "for all the shards", bound)) from None
     _inside(out, MARKER).unlink(missing_ok=True)
     return manifest
+
+
+def _check_splits(src: Source, fractions: list[tuple[str, float]]) -> None:
+    """Refuse an input whose test split would be empty; warn when a labeled fraction cannot be as small as
+    asked (a subset holds at least one image per class), and refuse when that makes it all the labels."""
+    where = src.input_dir or src.name
+    n_train, n_classes = src.counts.get("train", 0), len(src.classes)
+    if n_train and src.counts.get("test", 0) == 0:
+        raise UserError(f"the test split of {where} would be empty ({n_train} train images in {n_classes} classes: "
+                        "a class needs 2 images to give one to test): add images, or give DIR/train/<class>/* "
+                        "and DIR/test/<class>/*")
+    for key, f in fractions:
+        if f >= 1 or not n_train or math.ceil(f * n_train - 1e-9) >= n_classes:
+            continue
+        smallest = n_classes / n_train
+        if n_classes >= n_train:
+            raise UserError(f"labeled fraction {key} cannot be smaller than one image per class: {n_classes} "
+                            f"classes in {n_train} train images make every subset all the labels; add images "
+                            "(several per class) or drop that fraction (--labeled-fractions)")
+        print(f"warning: labeled fraction {key} of {n_train} train images is fewer than one image per class "
+              f"({n_classes} classes): its subsets hold {n_classes} images ({smallest:.3g} of the labels); "
+              f"use fractions of at least {smallest:.3g}, or more images per class", file=sys.stderr)
 
 
 # ------------------------------------------------------------- the output
