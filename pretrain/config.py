@@ -235,7 +235,7 @@ class FaultConfig:
 
 @dataclass
 class Config:
-    name: str = "digits"  # run name: W&B group and Ray run name
+    name: str = "digits"  # run name: W&B group and Ray run name; a plain name (NAME_PATTERN), it becomes a dir
     output_dir: str = "runs/digits"
     encoder: str | None = None  # finetune: the pretrain run dir; default output_dir
     data: DataConfig = field(default_factory=DataConfig)

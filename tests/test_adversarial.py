@@ -190,6 +190,27 @@ def test_a_held_lock_refuses_in_one_line_and_a_stale_one_is_taken_over(tmp_path)
     assert not (out / LOCK_FILE).exists()
 
 
+def test_the_lock_of_a_killed_run_is_stale(big_cifar, tmp_path):
+    from pretrain.runlock import LOCK_FILE
+
+    out = tmp_path / "s"
+    argv = ["shard", "cifar10", "--input", str(big_cifar), "--out", str(out), "--shard-size", "200", "--workers", "1"]
+    p = subprocess.Popen([sys.executable, "-m", "cluster", *argv], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("train-*.tar")):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    p.kill()  # SIGKILL: no cleanup runs, the lock file stays behind
+    p.wait()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == p.pid
+    r = selfsup(argv, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warning: taking over the stale lock" in r.stderr and f"pid {p.pid}" in r.stderr, r.stderr
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 6000
+    assert not (out / LOCK_FILE).exists()
+
+
 @pytest.mark.slow
 def test_two_pipelines_on_one_output_dir(tmp_path):
     run = tmp_path / "run"
