@@ -500,3 +500,16 @@ def test_no_2std_verdict_on_two_test_images():
          "headline": headline(tiny["results"]), "test_samples": 2}
     text = format_summary(s)
     assert "more than 2 std" not in text and "too few test images (2)" in text, text
+
+
+def test_an_empty_test_split_made_earlier_says_what_to_do(tmp_path):
+    """Shards from before `selfsup shard` refused empty splits: rerunning it as it was cannot help, so the
+    message says what can."""
+    from shardkit import make_shards
+
+    from pretrain.errors import UserError
+    from pretrain.reader import load_split
+
+    make_shards(tmp_path / "s", {"train": 8, "test": 0}, num_classes=8)
+    with pytest.raises(UserError, match="holds no images .* at least 2 images per class"):
+        load_split(str(tmp_path / "s"), "test")
