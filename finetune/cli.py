@@ -32,17 +32,19 @@ def finetune_main(args: argparse.Namespace) -> int:
 
 
 def _claim_output_dir(output_dir: str) -> None:
-    """Before any work: an existing output_dir must be a writable directory, and no other run may use it."""
+    """Before any work: output_dir (created if missing) must be a writable directory no other run is using."""
     import os
     from pathlib import Path
 
     from pretrain.errors import UserError
 
     out = Path(output_dir)
-    if not out.exists():
-        return  # created by run_finetune once its inputs are known to be good
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: set output_dir to a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # to hold its lock from the start, as pretrain does
+    except OSError as e:
+        raise UserError(f"cannot create output_dir {out} ({e.strerror or e}): choose a writable directory") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"output_dir {out} is not writable (permissions, or an immutable or read-only "
                         "directory): choose a writable output_dir")

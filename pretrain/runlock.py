@@ -96,7 +96,7 @@ def run_lock(directory: str | os.PathLike, command: str) -> Iterator[Path]:
 def _acquire(path: Path, command: str) -> int:
     for _ in range(5):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as e:
             raise UserError(f"cannot write in {path.parent} ({e.strerror or e}): choose a writable directory") from None
         try:
