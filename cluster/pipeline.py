@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from finetune.report import MIN_TEST_SAMPLES_FOR_VERDICT
 from pretrain.config import Config, save_config, to_dict
 from pretrain.errors import UserError
+from pretrain.runlock import hold, lock_scope
 
 STAGES = ("shard", "pretrain", "finetune")
 # The config sections whose change makes a finished stage stale (the rest -- trainer, wandb -- only say how
@@ -27,6 +29,7 @@ PRETRAIN_KEYS = ("data.shards", "augment", "model", "optim", "pretrain")
 FINETUNE_KEYS = ("finetune", "encoder")
 
 
+@lock_scope
 def run_pipeline(cfg: Config, force: list[str] | tuple[str, ...] = (), local: bool = False) -> dict[str, Any]:
     """Run the stages not yet done (and every stage from the first forced one on); return the summary."""
     for stage in force:
@@ -41,6 +44,7 @@ def run_pipeline(cfg: Config, force: list[str] | tuple[str, ...] = (), local: bo
     except OSError as e:
         raise UserError(f"cannot create output_dir {out} ({e.strerror or e}): choose a writable directory "
                         f"(output_dir=...)") from None
+    hold(out, "selfsup pipeline")  # one run per output_dir: a second one refuses here, before any stage runs
     # One W&B group for both stages' runs, whatever each stage would default to.
     cfg.wandb.group = cfg.wandb.group or cfg.name
     with tempfile.TemporaryDirectory(prefix="selfsup-pipeline-") as tmp:
@@ -292,6 +296,7 @@ def summarize(cfg: Config) -> dict[str, Any]:
         "wandb_group": cfg.wandb.group,
         "headline": headline(report.get("results", [])),
         "skipped_samples": _skipped(cfg),
+        "test_samples": report.get("test_samples"),
     }
     return summary
 
@@ -355,10 +360,14 @@ def format_summary(s: dict[str, Any]) -> str:
             b = h["best"]
             wins = all(b["accuracy_mean"] - r["accuracy_mean"] > 2 * max(b["accuracy_std"], r["accuracy_std"])
                        for r in others)
+            n_test = s.get("test_samples")
             if min([b.get("seeds", 2)] + [r.get("seeds", 2) for r in others]) < 2:  # no spread from one seed
-                line += f" vs {base} (one seed: no 2-std verdict)"
+                verdict = "one seed: no 2-std verdict"
+            elif isinstance(n_test, int) and n_test < MIN_TEST_SAMPLES_FOR_VERDICT:
+                verdict = f"too few test images ({n_test}) for a 2-std verdict"
             else:
-                line += f" vs {base} ({'ahead of both by more than 2 std' if wins else 'not ahead of both by 2 std'})"
+                verdict = "ahead of both by more than 2 std" if wins else "not ahead of both by 2 std"
+            line += f" vs {base} ({verdict})"
         lines.append(line)
     if s.get("skipped_samples"):
         lines.append("corrupt samples skipped: " + ", ".join(f"{k} {v}" for k, v in s["skipped_samples"].items()))

@@ -5,23 +5,51 @@ from __future__ import annotations
 import argparse
 
 from pretrain.cli import add_config_args
+from pretrain.runlock import hold, lock_scope
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
 
 
+@lock_scope
 def finetune_main(args: argparse.Namespace) -> int:
     from finetune.run import run_finetune
     from pretrain.cli import load_args_config
 
-    report = run_finetune(load_args_config(args))
+    cfg = load_args_config(args)
+    _claim_output_dir(cfg.output_dir)
+    report = run_finetune(cfg)
     for c in report["comparisons"]:
+        if c.get("too_few_test_samples"):
+            print(f"{c['label_fraction']:g} labeled: {c['best']} {c['accuracy_mean']:.4f}; too few test images "
+                  f"({report.get('test_samples')}) for a 2-std verdict against {', '.join(c['against'])}")
+            continue
         v = c["beats_all_baselines_by_2std"]
         verdict = "beats" if v else "cannot be tested (fewer than 2 seeds) to beat" if v is None else "does NOT beat"
         print(f"{c['label_fraction']:g} labeled: {c['best']} {c['accuracy_mean']:.4f} {verdict} "
               f"{', '.join(c['against'])} by > 2 std")
     return 0
+
+
+def _claim_output_dir(output_dir: str) -> None:
+    """Before any work: output_dir (created if missing) must be a writable directory no other run is using."""
+    import os
+    from pathlib import Path
+
+    from pretrain.errors import UserError
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file: set output_dir to a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # to hold its lock from the start, as pretrain does
+    except OSError as e:
+        raise UserError(f"cannot create output_dir {out} ({e.strerror or e}): choose a writable directory") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {out} is not writable (permissions, or an immutable or read-only "
+                        "directory): choose a writable output_dir")
+    hold(out, "selfsup finetune")
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
@@ -31,8 +59,17 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def predict_main(args: argparse.Namespace) -> int:
-    from finetune.predict import predict_files
+    import sys
 
-    for path, name in predict_files(args.model, args.images):
-        print(f"{path}\t{name}")
-    return 0
+    from finetune.predict import predict_files
+    from pretrain.errors import one_line
+
+    failed = []
+
+    def report(path: str, error: Exception) -> None:  # one line per unreadable image; the others go on
+        failed.append(path)
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+
+    for path, name in predict_files(args.model, args.images, on_error=report):
+        print(f"{path}\t{name}", flush=True)
+    return 2 if failed else 0

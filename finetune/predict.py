@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from finetune.classifier import build_classifier, predict_logits
-from pretrain.config import atomic_write_text
+from pretrain.config import atomic_write_text, umask_mode
 from pretrain.errors import UserError
 
 WEIGHTS = "model.safetensors"
@@ -38,6 +38,7 @@ def save_classifier(out_dir: str | Path, state: dict[str, torch.Tensor], arch: d
     (out / META).unlink(missing_ok=True)  # an old model.json must not vouch for new weights
     tmp = out / f".{WEIGHTS}.tmp"
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.chmod(tmp, umask_mode())  # safetensors creates 0600 files: the user's umask, like any other file
     os.replace(tmp, out / WEIGHTS)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -103,12 +104,13 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     """uint8 [C, size, size] prepared as the shards were: mode, shorter side to `size`, center crop."""
     from PIL import Image, UnidentifiedImageError
 
+    from pretrain.sources import decode_image
+
     try:
-        with Image.open(path) as im:
-            img = im.convert("L" if channels == 1 else "RGB")
+        img = decode_image(str(path))[0].convert("L" if channels == 1 else "RGB")  # as `selfsup shard` decodes
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}): pass a JPEG, PNG or WebP") from None
     w, h = img.size
     if min(w, h) != size:
@@ -124,10 +126,23 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def predict_files(model_dir: str | Path, images: list[str]) -> list[tuple[str, str]]:
-    """[(path, class name)] for each image file. `model_dir`: a classifier dir or a fine-tuning output_dir."""
+def predict_files(model_dir: str | Path, images: list[str], on_error=None) -> list[tuple[str, str]]:
+    """[(path, class name)] for each image file. `model_dir`: a classifier dir or a fine-tuning output_dir.
+
+    An unreadable image raises its one-line UserError, or, with `on_error(path, error)`, is reported through
+    it and left out while the others are predicted."""
     model, meta = load_classifier(model_dir)
     pre = meta["preprocessing"]
-    batch = torch.stack([load_image(p, int(pre["image_size"]), int(pre["channels"])) for p in images])
+    loaded = []
+    for p in images:
+        try:
+            loaded.append((p, load_image(p, int(pre["image_size"]), int(pre["channels"]))))
+        except UserError as e:
+            if on_error is None:
+                raise
+            on_error(p, e)
+    if not loaded:
+        return []
+    batch = torch.stack([x for _, x in loaded])
     pred = predict_logits(model, batch, pre["mean"], pre["std"]).argmax(1).tolist()
-    return [(p, meta["classes"][i]) for p, i in zip(images, pred)]
+    return [(p, meta["classes"][i]) for (p, _), i in zip(loaded, pred)]

@@ -38,10 +38,17 @@ def _row(rows: list[dict], method: str, fraction: float) -> dict | None:
     return None
 
 
-def comparisons(rows: list[dict]) -> list[dict[str, Any]]:
+# Below this many test images an accuracy moves in steps of 1/n and the seeds' std says nothing (2 images:
+# every seed scores 0, 0.5 or 1, often with std 0): no "beats by 2 std" verdict is claimed.
+MIN_TEST_SAMPLES_FOR_VERDICT = 30
+
+
+def comparisons(rows: list[dict], test_samples: int | None = None) -> list[dict[str, Any]]:
     """Per labeled fraction below 1: the best of finetune/semi against each baseline, with the margin in
     units of the larger of the two standard deviations (the product's claim is margin > 2 of them). With
-    fewer than 2 seeds on either side there is no standard deviation to speak of: the verdict is None."""
+    fewer than 2 seeds on either side there is no standard deviation to speak of: the verdict is None. It is
+    never claimed on fewer than MIN_TEST_SAMPLES_FOR_VERDICT test images (then `too_few_test_samples`)."""
+    too_few = test_samples is not None and test_samples < MIN_TEST_SAMPLES_FOR_VERDICT
     out = []
     for f in sorted({r["label_fraction"] for r in rows if r["label_fraction"] < 1}):
         ours = [r for m in ("finetune", "semi") if (r := _row(rows, m, f))]
@@ -55,11 +62,13 @@ def comparisons(rows: list[dict]) -> list[dict[str, Any]]:
             spread = max(best["accuracy_std"], b["accuracy_std"])
             testable = min(best["seeds"], b["seeds"]) >= MIN_SEEDS
             against[b["method"]] = {"margin": margin, "std": spread if testable else None,
-                                    "beats_by_2std": bool(margin > 2 * spread and margin > 0) if testable else None}
+                                    "beats_by_2std": bool(margin > 2 * spread and margin > 0 and not too_few)
+                                    if testable else None}
         verdicts = [a["beats_by_2std"] for a in against.values()]
         out.append({"label_fraction": f, "labels": best["labels"], "best": best["method"],
                     "accuracy_mean": best["accuracy_mean"], "against": against,
-                    "beats_all_baselines_by_2std": None if None in verdicts else all(verdicts)})
+                    "beats_all_baselines_by_2std": None if None in verdicts else all(verdicts),
+                    **({"too_few_test_samples": True} if too_few else {})})
     return out
 
 
@@ -69,7 +78,7 @@ def build_report(dataset: str, encoder: str | None, rows: list[dict], **extra: A
     for r in rows:
         compute[r["method"]] = round(compute.get(r["method"], 0.0) + r["compute_s"], 2)
     return {"dataset": dataset, "encoder": encoder, "results": rows, "compute_s": compute,
-            "comparisons": comparisons(rows), **extra}
+            "comparisons": comparisons(rows, extra.get("test_samples")), **extra}
 
 
 # ------------------------------------------------------------------ markdown
@@ -88,7 +97,9 @@ def summary_sentences(report: dict[str, Any]) -> list[str]:
         a = c["against"][base]
         verdict = ("no gain at all" if a["margin"] <= 0 else
                    "with too few seeds for a spread (finetune.seeds >= 2 gives one)" if a["beats_by_2std"] is None
-                   else "more than two standard deviations" if a["beats_by_2std"] else "not by two standard deviations")
+                   else "more than two standard deviations" if a["beats_by_2std"] else
+                   f"too few test images ({report.get('test_samples')}) to tell" if c.get("too_few_test_samples")
+                   else "not by two standard deviations")
         out.append(
             f"With {_pct(c['label_fraction'])} of the labels ({c['labels']} images), `{c['best']}` reaches "
             f"{c['accuracy_mean'] * 100:.1f}% against {b['accuracy_mean'] * 100:.1f}% for the best baseline "

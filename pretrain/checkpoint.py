@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pretrain.config import umask_mode
 from pretrain.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -95,6 +96,7 @@ def save_checkpoint(directory: str | os.PathLike, *, model_state: dict[str, torc
         (d / name).write_text(text)
     # safetensors refuses shared or non-contiguous storage; a detached contiguous copy is always safe
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(d / MODEL_FILE))
+    os.chmod(d / MODEL_FILE, umask_mode())  # safetensors creates 0600 files: the user's umask instead
     torch.save({"optimizer": optimizer_state, "rng": rng if rng is not None else rng_state()}, d / STATE_FILE)
     sizes = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*"))
              if p.is_file() and p.name != META_FILE and not p.name.startswith(".")}
@@ -110,6 +112,7 @@ def save_checkpoint_atomic(final_dir: str | os.PathLike, **kwargs: Any) -> Path:
     final = Path(final_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    os.chmod(tmp, umask_mode(directory=True))  # it becomes the checkpoint dir: not mkdtemp's 0700
     try:
         save_checkpoint(tmp, **kwargs)
         if final.exists():  # a stale or partial directory of the same epoch: replace it

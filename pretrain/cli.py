@@ -10,7 +10,8 @@ import argparse
 import contextlib
 import os
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, disk_full_message, is_disk_full
+from pretrain.runlock import hold, lock_scope
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +67,7 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a finished or stopped run")
 
 
+@lock_scope
 def pretrain_main(args: argparse.Namespace) -> int:
     """Train SimCLR (Ray Train, or in-process with --local); `--resume RUN_DIR` continues a run."""
     from pathlib import Path
@@ -93,6 +95,7 @@ def pretrain_main(args: argparse.Namespace) -> int:
         raise UserError(f"cannot create output_dir {out}: {e.strerror}; choose a writable directory") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"output_dir {out} is not writable: choose a writable directory")
+    hold(out, "selfsup pretrain")  # one run per output_dir: a second one refuses here, before writing anything
     cfg.output_dir = str(out)
     if "://" not in cfg.data.shards:
         cfg.data.shards = str(Path(cfg.data.shards).resolve())
@@ -122,7 +125,6 @@ def pretrain_main(args: argparse.Namespace) -> int:
     if address and not local:
         check_reachable(address)  # before anything is written: a typo in the address changes no file
     save_config(cfg, out / "config.yaml")
-    (out / "encoder.json").unlink(missing_ok=True)  # a stale done-marker must not outlive more training
 
     try:
         result = run_training(train_loop, {"cfg": cfg}, cfg, local=local, name=cfg.name,
@@ -131,6 +133,11 @@ def pretrain_main(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):  # what the checkpointed epochs recorded, even when the run failed
             publish_outputs(None, cfg, local)
         raise
+    except Exception as e:  # a full disk: one line naming where and how much (the finished encoder is kept)
+        if not is_disk_full(e):
+            raise
+        need = _dir_size(latest) if latest and "://" not in str(latest) else None
+        raise UserError(disk_full_message(run_path(cfg, cfg.name), need, "for one checkpoint")) from None
     # rank 0 may have run on another node: its outputs reach output_dir here, through the checkpoint
     publish_outputs(result, cfg, local)
     if not result or result.get("status") != "ok":
@@ -138,6 +145,12 @@ def pretrain_main(args: argparse.Namespace) -> int:
     print(f"pretrained {cfg.pretrain.epochs} epochs: encoder in {out} (knn_acc={result.get('knn_acc')}, "
           f"skipped samples {result.get('skipped_samples', 0)}, non-finite steps {result.get('nonfinite_steps', 0)})")
     return 0
+
+
+def _dir_size(path: str) -> int:
+    from pathlib import Path
+
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 # ------------------------------------------------------------------ bench

@@ -7,7 +7,9 @@ Every section checks its own values in `check()`; every error is a one-line `Use
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tempfile
 import types
 import typing
@@ -20,6 +22,9 @@ import yaml
 from pretrain.errors import UserError
 
 SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder")
+MIN_IMAGE_SIZE = 8  # the smallest image side anything is stored or trained at (shards refuse smaller images)
+# `name` becomes a directory (checkpoints under <storage_path>/<name>) and a W&B group: a plain file name only
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 METHODS = ("pixels", "scratch", "knn", "linear", "finetune", "semi")
 
 
@@ -39,7 +44,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
 
     def check(self) -> None:
-        _positive("data.image_size", self.image_size)
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise UserError(f"data.image_size must be at least {MIN_IMAGE_SIZE}, got {self.image_size}")
         _positive("data.shard_size", self.shard_size)
         _non_negative("data.loader_workers", self.loader_workers)
         _non_negative("data.shuffle_buffer", self.shuffle_buffer)
@@ -245,7 +251,7 @@ class FaultConfig:
 
 @dataclass
 class Config:
-    name: str = "digits"  # run name: W&B group and Ray run name
+    name: str = "digits"  # run name: W&B group and Ray run name; a plain name (NAME_PATTERN), it becomes a dir
     output_dir: str = "runs/digits"
     encoder: str | None = None  # finetune: the pretrain run dir; default output_dir
     data: DataConfig = field(default_factory=DataConfig)
@@ -261,6 +267,9 @@ class Config:
     def check(self) -> None:
         if not self.name:
             raise UserError("name must not be empty")
+        if not NAME_PATTERN.fullmatch(self.name):
+            raise UserError(f"name {self.name!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+                            "(starting with a letter or digit, at most 128), e.g. name=digits-run2")
         if not self.output_dir:
             raise UserError("output_dir must not be empty")
         for f in dataclasses.fields(self):
@@ -284,7 +293,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                            f"{e.start}): save it as UTF-8") from None
+        except OSError as e:
+            raise UserError(f"cannot read config file {p}: {e.strerror or e}") from None
+        try:
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -293,8 +309,46 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
     cfg = _build(Config, raw, "")
+    _check_finite(to_dict(cfg), "")
     cfg.check()
     return cfg
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first != line:
+                    raise _DuplicateKey(f"duplicate key {key!r} on lines {first} and {line}: keep one "
+                                        "(YAML would silently use the last)")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_finite(tree: Any, key: str) -> None:
+    """Every number in the resolved config is finite: NaN or infinity anywhere is refused at load time."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise UserError(f"config key {key} must be a finite number, got {tree}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -321,10 +375,31 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     return p
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where the OS allows (Linux: /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain open() or mkdir() would give: 0o666 (files) or 0o777 (dirs) less the umask.
+    `mkstemp`/`mkdtemp` use 0o600/0o700 whatever the umask; what they create and is kept gets this mode."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        os.fchmod(fd, umask_mode())  # the user's umask, like any other file they write (not mkstemp's 0600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from pretrain import checkpoint as ckpt
+from pretrain.config import umask_mode
 from pretrain.errors import UserError, one_line
 
 # ------------------------------------------------------------------ sessions
@@ -54,6 +55,7 @@ class LocalSession:
             return
         final = Path(self.run_path) / (dir_name or Path(checkpoint_dir).name)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=_mkdir(self.run_path)))
+        os.chmod(tmp, umask_mode(directory=True))  # it becomes the checkpoint dir: not mkdtemp's 0700
         try:
             shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
             if final.exists():

@@ -117,6 +117,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         last_knn, wandb_id = meta.get("knn_acc"), meta.get("wandb_id")
     history = [r for r in history if r.get("epoch", 0) <= start_epoch]  # a restart rewrites later epochs once
     if rank == 0:
+        # a finished run's encoder (resumed for more epochs) stays until publish_outputs has its replacement
+        # written in full: a run stopped before that (a full disk, Ctrl-C) loses no finished result
         if resume is not None:
             sess.log(f"[pretrain] resumed from {resume} at epoch {start_epoch}")
             events.append({"event": "resume", "from_epoch": start_epoch, "checkpoint": str(resume),
@@ -378,10 +380,14 @@ def _write_run_files(out: Path, history: list[dict[str, Any]], events: list[dict
 
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk: no temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

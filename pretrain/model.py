@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pretrain.config import atomic_write_text
+from pretrain.config import umask_mode
 from pretrain.errors import UserError
 
 ENCODER_WEIGHTS = "encoder.safetensors"
@@ -135,23 +135,39 @@ def save_encoder(out_dir: str | os.PathLike, model: nn.Module, meta: dict[str, A
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = unwrap(model)
-    # an old encoder.json must not vouch for weights that are being replaced
+    # Every new file is written in full under a temporary name first (a full disk fails here, with the old
+    # encoder untouched); then the old encoder.json goes (it must not vouch for weights being replaced) and
+    # renames, which need no space, put the new files in place, encoder.json last.
+    staged = []
+    try:
+        for state, name in ((m.backbone.state_dict(), ENCODER_WEIGHTS), (m.head.state_dict(), HEAD_WEIGHTS)):
+            staged.append((_stage(state, out / name), out / name))
+        tmp_meta = out / f".{ENCODER_META}.tmp"
+        staged.append((tmp_meta, out / ENCODER_META))
+        with open(tmp_meta, "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
     (out / ENCODER_META).unlink(missing_ok=True)
-    _save_atomic(m.backbone.state_dict(), out / ENCODER_WEIGHTS)
-    _save_atomic(m.head.state_dict(), out / HEAD_WEIGHTS)
-    atomic_write_text(out / ENCODER_META, json.dumps(meta, indent=2) + "\n")
+    for tmp, final in staged:
+        os.replace(tmp, final)
     return out / ENCODER_META
 
 
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+def _stage(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """`state` written in full to a temporary sibling of `path` (removed again on failure)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp))
+        os.chmod(tmp, umask_mode())  # safetensors creates 0600 files: the user's umask, like any other file
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def read_encoder_meta(run_dir: str | os.PathLike) -> dict[str, Any]:

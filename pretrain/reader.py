@@ -204,6 +204,10 @@ def load_split(
     if keyset is not None and len(names) < len(keyset):
         log.warning("%d of %d requested keys not found or unreadable in %s/%s",
                     len(keyset) - len(names), len(keyset), shards_dir, split)
+    if not images and keyset is None and not sum(decoder.skips.values()):
+        raise UserError(f"no readable samples in split {split} of {shards_dir}: it holds no images (its input had "
+                        "none for it, e.g. every class a single image, so none was left for a test split): shard "
+                        "an input with at least 2 images per class, or DIR/train + DIR/test folders")
     if not images:
         what = f"{len(keyset)} requested keys of " if keyset is not None else ""
         raise UserError(

@@ -28,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.config import atomic_write_text
-from pretrain.errors import UserError
-from pretrain.sources import SOURCES, Source, open_source
+from pretrain.config import MIN_IMAGE_SIZE, atomic_write_text
+from pretrain.errors import UserError, disk_full_message, is_disk_full
+from pretrain.runlock import hold, lock_scope
+from pretrain.sources import SOURCES, Source, decode_image, open_source
 
 MANIFEST = "manifest.json"
 MARKER = ".shard-incomplete"  # present while a run writes; a crash leaves it behind
-MIN_SIDE = 8  # images with a shorter side below this are refused (nothing to crop from)
+MIN_SIDE = MIN_IMAGE_SIZE  # images with a shorter side below this are refused (nothing to crop from)
 MAX_SKIPPED_LISTED = 100
 PARALLEL_MIN_IMAGES = 4096  # below this, shards are written in this process (a pool takes seconds to start)
 # our file names: shards, their temp names, and atomic_write_text's temp names of the manifest
@@ -167,6 +168,7 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
     return m
 
 
+@lock_scope
 def write_shards(
     source: str,
     out_dir: str | os.PathLike,
@@ -201,19 +203,53 @@ def write_shards(
         return done
 
     src = open_source(source, input_dir, test_fraction)  # bad input fails here, before DIR is created
+    _check_splits(src, fractions)
     size = image_size if image_size is not None else src.default_image_size
     _make_out_dir(out)
+    hold(out, f"selfsup shard {source}")  # one writer per dir: a second one refuses before touching a file
     _clean_half_written(out)
     _inside(out, MARKER).write_text(f"selfsup shard {source} (pid {os.getpid()}) is writing here\n")
 
     total = sum(src.counts.values())
     # processes pay off only for many shards; small array sources encode faster than a pool starts
     workers = 1 if total < PARALLEL_MIN_IMAGES else min(workers, math.ceil(total / shard_size))
-    results = _run_tasks(_plan(src, out, shard_size, size), workers, total, progress)
-    manifest = _assemble(src, out, results, size, fractions, seed, shard_size, test_fraction)
-    atomic_write_text(_inside(out, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    try:
+        results = _run_tasks(_plan(src, out, shard_size, size), workers, total, progress)
+        manifest = _assemble(src, out, results, size, fractions, seed, shard_size, test_fraction)
+        atomic_write_text(_inside(out, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    except KeyboardInterrupt:
+        _remove_temp_files(out)  # the marker stays: a rerun redoes the dir (shards come out byte-identical)
+        raise KeyboardInterrupt("rerun to continue") from None
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        _remove_temp_files(out)
+        need, bound = _space_needed(out, total, shard_size)
+        raise UserError(disk_full_message(out, need, "for all the shards", bound)) from None
     _inside(out, MARKER).unlink(missing_ok=True)
     return manifest
+
+
+def _check_splits(src: Source, fractions: list[tuple[str, float]]) -> None:
+    """Refuse an input whose test split would be empty; warn when a labeled fraction cannot be as small as
+    asked (a subset holds at least one image per class), and refuse when that makes it all the labels."""
+    where = src.input_dir or src.name
+    n_train, n_classes = src.counts.get("train", 0), len(src.classes)
+    if n_train and src.counts.get("test", 0) == 0:
+        raise UserError(f"the test split of {where} would be empty ({n_train} train images in {n_classes} classes: "
+                        "a class needs 2 images to give one to test): add images, or give DIR/train/<class>/* "
+                        "and DIR/test/<class>/*")
+    for key, f in fractions:
+        if f >= 1 or not n_train or math.ceil(f * n_train - 1e-9) >= n_classes:
+            continue
+        smallest = n_classes / n_train
+        if n_classes >= n_train:
+            raise UserError(f"labeled fraction {key} cannot be smaller than one image per class: {n_classes} "
+                            f"classes in {n_train} train images make every subset all the labels; add images "
+                            "(several per class) or drop that fraction (--labeled-fractions)")
+        print(f"warning: labeled fraction {key} of {n_train} train images is fewer than one image per class "
+              f"({n_classes} classes): its subsets hold {n_classes} images ({smallest:.3g} of the labels); "
+              f"use fractions of at least {smallest:.3g}, or more images per class", file=sys.stderr)
 
 
 # ------------------------------------------------------------- the output
@@ -260,6 +296,22 @@ def _finished(out: Path, source: str) -> dict[str, Any] | None:
     counts = ", ".join(f"{s['count']} {name}" for name, s in m["splits"].items() if s["count"])
     print(f"shards already complete in {out} ({counts}); nothing to do (delete the dir to redo)")
     return m
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Our temporary names only (shards being written, the manifest's and subsets' temp files)."""
+    for p in [*out.iterdir(), *((out / "subsets").iterdir() if (out / "subsets").is_dir() else [])]:
+        if p.name.startswith(".") and p.name.endswith(".tmp") and (_OURS.match(p.name) or "labeled-" in p.name):
+            p.unlink(missing_ok=True)
+
+
+def _space_needed(out: Path, total: int, shard_size: int) -> tuple[float, str]:
+    """(bytes the whole dir needs, "about" | "at least"): the finished shards' size per image times every
+    image; with none finished, tar's minimum per sample (two members of one header and one data block)."""
+    done = [p for p in out.glob("*-??????.tar") if _OURS.match(p.name)]
+    if not done:
+        return 2048.0 * total, "at least"
+    return sum(p.stat().st_size for p in done) / (len(done) * shard_size) * total, "about"
 
 
 def _clean_half_written(out: Path) -> None:
@@ -332,19 +384,39 @@ def _run_tasks(tasks: Iterator[tuple], workers: int, total: int, progress: bool 
                 collect(_write_shard(t))
             return results
         # at most 2 tasks per worker in flight: bounded memory whatever the size of the source
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+        # the workers ignore Ctrl-C: the parent alone handles it (one line, not a traceback per worker)
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(),
+                                    initializer=_ignore_sigint) as pool:
             pending: set[cf.Future] = set()
-            for t in tasks:
-                pending.add(pool.submit(_write_shard, t))
-                if len(pending) >= 2 * workers:
-                    finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                    for f in finished:
-                        collect(f.result())
-            for f in cf.as_completed(pending):
-                collect(f.result())
+            try:
+                for t in tasks:
+                    pending.add(pool.submit(_write_shard, t))
+                    if len(pending) >= 2 * workers:
+                        finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                        for f in finished:
+                            collect(f.result())
+                for f in cf.as_completed(pending):
+                    collect(f.result())
+            except BaseException:  # Ctrl-C or a failed shard: stop the others now instead of finishing them
+                _stop_pool(pool, pending)
+                raise
         return results
     finally:
         bar.close()
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_pool(pool: cf.ProcessPoolExecutor, pending: set[cf.Future]) -> None:
+    for f in pending:
+        f.cancel()
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()  # their temp shards are removed by the caller
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -391,24 +463,30 @@ def _write_items(split: str, index: int, path: str, items: list, size: int | Non
     pixels = 0
     min_side = None
     tmp.unlink(missing_ok=True)
-    with open(tmp, "xb") as f:  # exclusive create: never follows a symlink planted under this name
-        writer = wds.TarWriter(f, mtime=_MTIME)
-        for key, label, image in items:
-            try:
-                data, ext, arr = _encode(image, size, upscale, channels)
-            except _Refused as e:
-                skipped.append((image if isinstance(image, str) else key, str(e)))
-                continue
-            writer.write({"__key__": key, ext: data, "cls": str(label)})
-            keys.append(key)
-            labels.append(label)
-            min_side = min(arr.shape[:2]) if min_side is None else min(min_side, *arr.shape[:2])
-            if split == "train":  # mean/std are over the train split (in [0, 1] units)
-                x = arr.reshape(-1, channels).astype(np.float64) / 255.0
-                total += x.sum(0)
-                total_sq += (x * x).sum(0)
-                pixels += len(x)
-        writer.close()
+    writer = None
+    try:
+        with open(tmp, "xb") as f:  # exclusive create: never follows a symlink planted under this name
+            writer = wds.TarWriter(f, mtime=_MTIME)
+            for key, label, image in items:
+                try:
+                    data, ext, arr = _encode(image, size, upscale, channels)
+                except _Refused as e:
+                    skipped.append((image if isinstance(image, str) else key, str(e)))
+                    continue
+                writer.write({"__key__": key, ext: data, "cls": str(label)})
+                keys.append(key)
+                labels.append(label)
+                min_side = min(arr.shape[:2]) if min_side is None else min(min_side, *arr.shape[:2])
+                if split == "train":  # mean/std are over the train split (in [0, 1] units)
+                    x = arr.reshape(-1, channels).astype(np.float64) / 255.0
+                    total += x.sum(0)
+                    total_sq += (x * x).sum(0)
+                    pixels += len(x)
+            writer.close()
+    except BaseException:  # Ctrl-C, a full disk: no temp file left, and no half-closed tar stream flushed
+        _abandon(writer)
+        tmp.unlink(missing_ok=True)
+        raise
     if keys:
         os.replace(tmp, path)
     else:
@@ -416,6 +494,14 @@ def _write_items(split: str, index: int, path: str, items: list, size: int | Non
     return {"split": split, "index": index, "path": path if keys else None, "count": len(keys), "keys": keys,
             "labels": labels, "skipped": skipped, "sum": total, "sum_sq": total_sq, "pixels": pixels,
             "min_side": min_side}
+
+
+def _abandon(writer) -> None:
+    """Drop a tar writer whose file is closing under an exception: its stream must not flush into it later
+    (tarfile's `__del__` would print "Exception ignored ... write to closed file")."""
+    stream = getattr(getattr(writer, "tarstream", None), "fileobj", None)
+    if stream is not None and hasattr(stream, "closed"):
+        stream.closed = True
 
 
 def _target_size(w: int, h: int, size: int | None, upscale: bool) -> tuple[int, int] | None:
@@ -438,11 +524,14 @@ def _encode(image: Any, size: int | None, upscale: bool, channels: int) -> tuple
         try:
             with open(image, "rb") as f:
                 original = f.read()
-            img = Image.open(io.BytesIO(original))
-            img.load()  # decodes everything: a truncated or garbled file fails here, not in training
+            # decodes everything (a truncated or garbled file fails here, not in training), EXIF-upright,
+            # 16-bit scaled to 8: the same decoder as `selfsup predict`
+            img, changed = decode_image(original)
         except Exception as e:  # noqa: BLE001 -- PIL raises many types for bad files
             raise _Refused(f"unreadable image ({type(e).__name__}: {e})") from None
         fmt = img.format if img.format in _FOLDER_FORMATS else "PNG"
+        if changed:
+            original = None  # the file's bytes are not what it shows: re-encoded
     if min(img.size) < MIN_SIDE:
         raise _Refused(f"image of {img.size[0]}x{img.size[1]} px is smaller than {MIN_SIDE} px")
     mode = "L" if channels == 1 else "RGB"

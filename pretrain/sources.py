@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,41 @@ def open_source(name: str, input_dir: str | os.PathLike | None, test_fraction: f
     if name == "stl10":
         return stl10_source(root)
     return folder_source(root, test_fraction)
+
+
+# ------------------------------------------------------------------ decoding
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (PNG), as PIL opens it
+
+
+def decode_image(data: bytes | str | os.PathLike):
+    """-> (PIL image, fully decoded, as it is meant to be seen; changed): the one decoder of image files, used
+    by `selfsup shard` and `selfsup predict` alike.
+
+    EXIF orientation is applied (a portrait photo stays upright), and 16-bit greyscale is scaled to 8 bits
+    (65535 -> 255; PIL's own conversion clips everything above 255 to white). `changed` says the pixels
+    differ from the file's plain decode, so its bytes cannot be stored as they are. Raises what PIL raises
+    (including `Image.DecompressionBombError` for a header claiming too many pixels).
+    """
+    import io
+
+    from PIL import Image, ImageOps
+
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    img.load()  # decodes everything: a truncated or garbled file fails here, not later
+    fmt = img.format
+    changed = False
+    if img.mode in HIGH_DEPTH_MODES:
+        arr = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+        changed = True
+    orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation
+    if orientation not in (None, 1):
+        img = ImageOps.exif_transpose(img)
+        changed = True
+    img.format = fmt
+    return img, changed
 
 
 # ------------------------------------------------------------------ digits
@@ -230,8 +266,23 @@ def _image_files(d: Path) -> list[Path]:
     return sorted(out)
 
 
-def _class_dirs(d: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in exclude)
+def _class_dirs(d: Path, exclude: tuple[str, ...] = (), root: Path | None = None) -> list[Path]:
+    dirs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in exclude)
+    return [p for p in dirs if not _loops_back(p, root or d)]
+
+
+def _loops_back(p: Path, root: Path) -> bool:
+    """A symlinked folder that resolves inside the input folder `root` or to one of its ancestors
+    (`DIR/loop -> DIR`) would show images again under another label: not followed, and warned. Links to
+    folders elsewhere are followed."""
+    if not p.is_symlink():
+        return False
+    target, here = p.resolve(), root.resolve()
+    if not (target.is_relative_to(here) or here.is_relative_to(target)):
+        return False
+    print(f"warning: not following {p} -> {target} as a class: it links back into the input folder",
+          file=sys.stderr, flush=True)
+    return True
 
 
 def _split_off_test(by_class: list[list[Path]], test_fraction: float) -> dict[str, list[tuple[int, Path]]]:
@@ -251,12 +302,12 @@ def folder_source(root: Path, test_fraction: float = 0.2) -> Source:
     """`DIR/<class>/*` (test split drawn per class) or `DIR/train/<class>/*` + `DIR/test/<class>/*`,
     plus `DIR/unlabeled/**` at any depth. Classes are the folder names, sorted (torchvision's order)."""
     split_layout = (root / "train").is_dir()
-    class_dirs = _class_dirs(root / "train") if split_layout else _class_dirs(root, exclude=("unlabeled",))
+    class_dirs = _class_dirs(root / "train", root=root) if split_layout else _class_dirs(root, ("unlabeled",))
     classes = [p.name for p in class_dirs]
     by_class = [_image_files(d) for d in class_dirs]
     if split_layout and (root / "test").is_dir():
         labeled = {"train": [(label, f) for label, files in enumerate(by_class) for f in files], "test": []}
-        for cdir in _class_dirs(root / "test"):
+        for cdir in _class_dirs(root / "test", root=root):
             if cdir.name not in classes:
                 raise UserError(f"test class {cdir.name!r} in {root / 'test'} has no train folder in "
                                 f"{root / 'train'}: add it there or remove it")

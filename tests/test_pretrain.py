@@ -113,6 +113,7 @@ def test_local_run_resume_is_exact_and_survives_interrupted_checkpoint(shards, t
     assert ckpt.epoch_of(ckpt.find_latest(run_path)) == 2  # the previous checkpoint is the usable one
 
     assert cli(["--local", "--resume", str(stopped)]) == 0
+    assert "taking over the stale lock" in capsys.readouterr().err  # the killed run's (issue 17)
     assert_run_complete(stopped, 4)
     events = [json.loads(x) for x in (stopped / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "resume" and events[-1]["from_epoch"] == 2
