@@ -1,8 +1,12 @@
-"""The SimCLR training loop: one function, run by every Ray Train worker or in-process in local mode.
+"""The SimCLR training loop, run by every Ray Train worker or in-process in local mode.
 
-Read it top to bottom: data, model, optimiser and schedule, resume; then for each epoch, for each
-batch: two views, forward, NT-Xent over the global batch, non-finite guard, backward, step, log;
-per epoch: metrics (and kNN accuracy), metrics.jsonl, checkpoint; at the end: export the encoder.
+Three parts, in reading order (the shape of DINO's `train_dino`/`train_one_epoch` and torchtitan's `train_step`):
+1. `train_loop`: setup (data, model, optimiser and schedule, resume into a `TrainState`); then per epoch:
+   `train_one_epoch`, kNN accuracy, metrics.jsonl, a checkpoint; the last checkpoint exports the encoder.
+2. `train_one_epoch`: for each batch: fault injection, two views, `train_step`, log; then the epoch's numbers
+   summed over every rank.
+3. `train_step`: forward, NT-Xent over the global batch, the non-finite guard every rank agrees on, the update.
+`TrainState` is what a checkpoint restores besides the weights, the optimiser and the RNG states.
 The launcher (`pretrain.launch`) decides where it runs; `session()` hides the difference.
 
 Where the outputs go: rank 0 may run on any node of a cluster, so it never writes into `output_dir` (the
@@ -22,6 +26,8 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +60,47 @@ FAULT_MARKER = ".fault-injected"
 ENCODER_DIR = "encoder"  # inside the final checkpoint: encoder.safetensors, head.safetensors, encoder.json
 
 
+@dataclass
+class TrainState:
+    """Where the run stands. A checkpoint keeps it (the counters in its meta, the records as metrics.jsonl and
+    events.jsonl) beside the weights, optimiser and RNG states; a resume restores it."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # steps taken, skipped ones included: the schedule is a function of the step alone
+    nonfinite_total: int = 0
+    skipped_total: int = 0  # corrupt samples skipped, all ranks
+    knn_acc: float | None = None  # the latest measured (on rank 0)
+    wandb_id: str | None = None  # a restart continues the same W&B run
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl's records so far
+    events: list[dict[str, Any]] = field(default_factory=list)  # events.jsonl's
+    # this process only, never checkpointed: a restart starts them afresh
+    nonfinite_run: int = 0  # non-finite steps in a row; a run of them may cross an epoch boundary
+    views_logged: bool = False  # one grid of view pairs per fresh run, at its first update
+
+    def meta(self, arch: dict[str, Any], world: int, global_batch: int, seed: int) -> dict[str, Any]:
+        """The checkpoint's meta (checkpoint.json): existing checkpoints and tests read these keys."""
+        return {"epoch": self.epoch, "step": self.step,
+                "data_position": {"epoch": self.epoch, "batch": 0, "seed": seed}, "arch": arch,
+                "nonfinite_total": self.nonfinite_total, "skipped_total": self.skipped_total,
+                "knn_acc": self.knn_acc, "world_size": world, "global_batch": global_batch,
+                "wandb_id": self.wandb_id}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], history: list[dict[str, Any]], events: list[dict[str, Any]],
+                  world: int, steps_per_epoch: int) -> TrainState:
+        epoch = meta["epoch"]
+        # another worker count splits epochs into other step counts
+        step = meta["step"] if meta.get("world_size") == world else epoch * steps_per_epoch
+        return cls(epoch=epoch, step=step, nonfinite_total=meta.get("nonfinite_total", 0),
+                   skipped_total=meta.get("skipped_total", 0), knn_acc=meta.get("knn_acc"),
+                   wandb_id=meta.get("wandb_id"),
+                   history=[r for r in history if r.get("epoch", 0) <= epoch],  # a restart rewrites later epochs once
+                   events=events, views_logged=epoch > 0)
+
+
+# ------------------------------------------------------------------ 1. setup, epochs, export
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     cfg = config["cfg"]
     p = cfg.pretrain
@@ -71,9 +118,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     loader = ShardLoader(cfg.data.shards, splits=("train", "unlabeled"), batch_size=per_rank, rank=rank,
                          world_size=world, seed=p.seed, shuffle=True, num_workers=cfg.data.loader_workers,
                          image_size=cfg.data.image_size, equal_batches=True, shuffle_buffer=cfg.data.shuffle_buffer)
-    image_size = cfg.data.image_size
-    mean, std = manifest["mean"], manifest["std"]
-    augment = BatchAugment(cfg.augment, image_size=image_size, mean=mean, std=std).to(device)
+    augment = BatchAugment(cfg.augment, image_size=cfg.data.image_size, mean=manifest["mean"],
+                           std=manifest["std"]).to(device)
 
     # ---- model: the same initial weights on every rank (DDP also broadcasts them)
     torch.manual_seed(p.seed)
@@ -91,40 +137,25 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     total_steps = p.epochs * steps_per_epoch
     warmup_steps = cfg.optim.warmup_epochs * steps_per_epoch
 
+    def schedule(step: int) -> float:
+        return lr_at(step, total_steps, warmup_steps, peak_lr)
+
     # ---- resume: Ray's own checkpoint after a restart, --resume's, or one written to storage but not yet
     # registered when a worker died (the CLI refuses fresh runs over old checkpoints, so all are this run's)
-    start_epoch, step, nonfinite_total, skipped_total, last_knn, wandb_id = 0, 0, 0, 0, None, None
-    history: list[dict[str, Any]] = []  # metrics.jsonl's records so far; they travel in every checkpoint
-    events: list[dict[str, Any]] = []
     on_driver = not sess.distributed  # local mode: this process is the driver, `out` is its own disk
     arch = arch_of(cfg, manifest)
     candidates = (sess.get_checkpoint(), config.get("resume_from"), ckpt.find_latest(config["run_path"]))
-    resume = max(candidates, key=ckpt.epoch_of)
-    if resume is not None:
-        with _local_copy(resume) as d:
-            state = ckpt.load_checkpoint(d, arch=arch, map_location="cpu")
-            # a checkpoint written before the files travelled in it: the run's own files, where readable
-            history = _read_jsonl(Path(d) / METRICS) if (Path(d) / METRICS).exists() else _read_jsonl(out / METRICS)
-            events = _read_jsonl(Path(d) / EVENTS) if (Path(d) / EVENTS).exists() else _read_jsonl(out / EVENTS)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ckpt.set_rng_state(state["rng"])
-        meta = state["meta"]
-        start_epoch, step = meta["epoch"], meta["step"]
-        if meta.get("world_size") != world:  # another worker count splits epochs into other step counts
-            step = start_epoch * steps_per_epoch
-        nonfinite_total, skipped_total = meta.get("nonfinite_total", 0), meta.get("skipped_total", 0)
-        last_knn, wandb_id = meta.get("knn_acc"), meta.get("wandb_id")
-    history = [r for r in history if r.get("epoch", 0) <= start_epoch]  # a restart rewrites later epochs once
+    state, resume = restore(candidates, model, optimizer, arch, out, world, steps_per_epoch)
+    start_epoch = state.epoch
     if rank == 0:
         # a finished run's encoder (resumed for more epochs) stays until publish_outputs has its replacement
         # written in full: a run stopped before that (a full disk, Ctrl-C) loses no finished result
         if resume is not None:
             sess.log(f"[pretrain] resumed from {resume} at epoch {start_epoch}")
-            events.append({"event": "resume", "from_epoch": start_epoch, "checkpoint": str(resume),
-                           "time": time.time()})
+            state.events.append({"event": "resume", "from_epoch": start_epoch, "checkpoint": str(resume),
+                                 "time": time.time()})
         if on_driver and (resume is not None or (out / METRICS).exists()):
-            _write_run_files(out, history, events)
+            _write_run_files(out, state.history, state.events)
 
     if sess.distributed and world > 1:
         import ray.train.torch
@@ -134,122 +165,191 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     criterion = NTXentLoss(temperature=p.temperature, gather_distributed=True)
     # rank 0 on another node keeps its W&B files in a scratch dir and returns them to the driver at the end
     wandb_dir = out if on_driver or rank != 0 else Path(tempfile.mkdtemp(prefix="selfsup-wandb-"))
-    tracker = init_tracking(cfg, "pretrain", wandb_dir, rank=rank, run_id=wandb_id)
+    tracker = init_tracking(cfg, "pretrain", wandb_dir, rank=rank, run_id=state.wandb_id)
+    state.wandb_id = tracker.run_id
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    # ---- epochs: train, measure, record, checkpoint
     knn_data = None
-    nonfinite_run = 0
-    grid_logged = start_epoch > 0
     for epoch in range(start_epoch, p.epochs):
         seed_everything(p.seed, epoch, rank)  # resume replays exactly the data and augmentations of this epoch
         loader.set_epoch(epoch)
         model.train()
-        t_epoch = time.perf_counter()
-        data_wait, loss_sum, loss_n, nonfinite_epoch, skipped_before = 0.0, 0.0, 0, 0, loader.skipped
-        batches = iter(loader)
-        for _ in sess.progress(range(steps_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}"):
-            t_wait = time.perf_counter()
-            images, _labels = next(batches)
-            data_wait += time.perf_counter() - t_wait
-            inject_kill(cfg.fault, rank, step, out)
+        record = train_one_epoch(state, epoch, model=train_model, criterion=criterion, optimizer=optimizer,
+                                 loader=loader, augment=augment, schedule=schedule, steps=steps_per_epoch,
+                                 cfg=cfg, tracker=tracker, autocast=autocast, channels_last=channels_last,
+                                 manifest=manifest)
+        if record is None:  # the loss stayed non-finite: stop, pointing at the last good checkpoint
+            last = ckpt.find_latest(config["run_path"])
+            message = (f"loss was non-finite for {state.nonfinite_run} steps in a row at epoch {epoch + 1}, "
+                       f"step {state.step} (pretrain.max_nonfinite={p.max_nonfinite}); last good checkpoint: "
+                       f"{last or 'none'}: lower optim.base_lr or check the data, then --resume")
+            return {"status": "nonfinite", "message": message, "checkpoint": last,
+                    "files": _finish_tracking(tracker, wandb_dir, out, exit_code=1)}
 
-            x = images.to(device, non_blocking=True)
-            with torch.no_grad():
-                v1, v2 = augment(x), augment(x)  # two independent views, parameters drawn per image
-            views = torch.cat([v1, v2])
-            if channels_last:
-                views = views.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr)
-            set_lr(optimizer, lr)
-
-            with autocast:
-                z1, z2 = train_model(views).float().chunk(2)
-            loss = criterion(z1, z2)  # negatives gathered from every rank: 2 x global batch - 2 per sample
-            if 0 <= cfg.fault.nan_at_step <= step:
-                loss = loss * float("nan")
-
-            # every rank must agree to skip, or DDP's gradient all-reduce would wait forever for the others
-            if not all_finite(loss, sess.distributed and world > 1):
-                optimizer.zero_grad(set_to_none=True)
-                nonfinite_run, nonfinite_epoch, nonfinite_total = nonfinite_run + 1, nonfinite_epoch + 1, nonfinite_total + 1
-                step += 1
-                if nonfinite_run >= p.max_nonfinite:
-                    last = ckpt.find_latest(config["run_path"])
-                    message = (f"loss was non-finite for {nonfinite_run} steps in a row at epoch {epoch + 1}, "
-                               f"step {step} (pretrain.max_nonfinite={p.max_nonfinite}); last good checkpoint: "
-                               f"{last or 'none'}: lower optim.base_lr or check the data, then --resume")
-                    return {"status": "nonfinite", "message": message, "checkpoint": last,
-                            "files": _finish_tracking(tracker, wandb_dir, out, exit_code=1)}
-                continue
-            nonfinite_run = 0
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            if rank == 0:
-                tracker.log({"train/loss": loss.item(), "train/lr": lr}, step=step)
-                if not grid_logged:
-                    tracker.log_images("views", view_grid(v1, v2, mean, std), step=step,
-                                       caption="augmented view pairs (left: view 1, right: view 2)")
-                    grid_logged = True
-
-        # ---- end of epoch: global numbers, kNN, metrics.jsonl, checkpoint
-        seconds = time.perf_counter() - t_epoch
-        loss_sum, loss_n, data_wait, skipped, seconds_sum = reduce_sums(
-            [loss_sum, loss_n, data_wait, loader.skipped - skipped_before, seconds], device, sess.distributed and world > 1)
-        done, skipped_total = epoch + 1, skipped_total + int(skipped)
-        record: dict[str, Any] = {
-            "epoch": done,
-            "step": step,
-            "loss": loss_sum / loss_n if loss_n else float("nan"),
-            "lr": lr_at(step - 1, total_steps, warmup_steps, peak_lr),
-            "images_per_s": steps_per_epoch * p.batch_size / max(seconds_sum / world, 1e-9),
-            "data_wait_s": data_wait / world,
-            "epoch_s": seconds_sum / world,
-            "skipped_samples": int(skipped),  # corrupt samples skipped this epoch, all ranks
-            "nonfinite_steps": nonfinite_epoch,
-        }
+        done = state.epoch
         if done == start_epoch + 1 and resume is not None:
             record["resumed_from"] = start_epoch
         if rank == 0 and ((p.knn_every and done % p.knn_every == 0) or done == p.epochs):
             knn_data = knn_data or _knn_data(cfg, manifest)
-            last_knn, record["knn_bank"], record["knn_queries"] = knn_monitor(
+            state.knn_acc, record["knn_bank"], record["knn_queries"] = knn_monitor(
                 unwrap(model).backbone, cfg, manifest, knn_data, device)
-            record["knn_acc"] = last_knn
+            record["knn_acc"] = state.knn_acc
         if rank == 0:
-            history.append(record)
+            state.history.append(record)
             if on_driver:
-                _write_run_files(out, history, events)
-            tracker.log({"epoch": done, **{f"epoch/{k}": v for k, v in record.items() if k != "epoch"}}, step=step)
+                _write_run_files(out, state.history, state.events)
+            tracker.log({"epoch": done, **{f"epoch/{k}": v for k, v in record.items() if k != "epoch"}}, step=state.step)
             sess.log("[pretrain] " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
 
         if done % p.checkpoint_every == 0 or done == p.epochs:
-            meta = {"epoch": done, "step": step, "data_position": {"epoch": done, "batch": 0, "seed": p.seed},
-                    "arch": arch, "nonfinite_total": nonfinite_total, "skipped_total": skipped_total, "knn_acc": last_knn,
-                    "world_size": world, "global_batch": p.batch_size, "wandb_id": tracker.run_id}
-            with tempfile.TemporaryDirectory(prefix="selfsup-ckpt-") as tmp:
-                if rank == 0:
-                    if done == p.epochs:  # ---- export: the backbone (and head) for fine-tuning, its JSON last
-                        enc = encoder_meta(cfg, manifest, unwrap(model), epochs=p.epochs, knn_acc=last_knn)
-                        save_encoder(Path(tmp) / ENCODER_DIR, unwrap(model), enc)
-                        files = [Path(tmp) / ENCODER_DIR / f for f in ("encoder.safetensors", "head.safetensors",
-                                                                       ENCODER_META)]
-                        tracker.log_artifact(f"{cfg.name}-encoder", "model", files, metadata=enc)
-                    ckpt.save_checkpoint(tmp, model_state=unwrap(model).state_dict(),
-                                         optimizer_state=optimizer.state_dict(), meta=meta,
-                                         extra_files={METRICS: _jsonl(history), EVENTS: _jsonl(events)})
-                sess.report(record, checkpoint_dir=tmp if rank == 0 else None,
-                            dir_name=ckpt.checkpoint_dir_name(done))
+            report_with_checkpoint(record, state, model, optimizer, cfg, manifest, arch, tracker)
         else:
             sess.report(record)
 
+    # ---- export: the encoder went out with the last checkpoint; close the W&B run
     if rank == 0:
-        tracker.summary({"knn_acc": last_knn, "nonfinite_steps": nonfinite_total, "skipped_samples": skipped_total})
-        sess.log(f"[pretrain] encoder exported with the last checkpoint (knn_acc={_fmt(last_knn)})")
-    return {"status": "ok", "epochs": p.epochs, "knn_acc": last_knn, "start_epoch": start_epoch,
-            "skipped_samples": skipped_total, "nonfinite_steps": nonfinite_total,
+        tracker.summary({"knn_acc": state.knn_acc, "nonfinite_steps": state.nonfinite_total,
+                         "skipped_samples": state.skipped_total})
+        sess.log(f"[pretrain] encoder exported with the last checkpoint (knn_acc={_fmt(state.knn_acc)})")
+    return {"status": "ok", "epochs": p.epochs, "knn_acc": state.knn_acc, "start_epoch": start_epoch,
+            "skipped_samples": state.skipped_total, "nonfinite_steps": state.nonfinite_total,
             "files": _finish_tracking(tracker, wandb_dir, out)}
+
+
+def restore(candidates: tuple[str | None, ...], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            arch: dict[str, Any], out: Path, world: int, steps_per_epoch: int) -> tuple[TrainState, str | None]:
+    """(state, checkpoint): the newest of `candidates` loaded into `model`, `optimizer` and the RNGs, or a fresh
+    state and None when there is none."""
+    resume = max(candidates, key=ckpt.epoch_of)
+    if resume is None:
+        return TrainState(), None
+    with _local_copy(resume) as d:
+        saved = ckpt.load_checkpoint(d, arch=arch, map_location="cpu")
+        # a checkpoint written before the files travelled in it: the run's own files, where readable
+        history = _read_jsonl(Path(d) / METRICS) if (Path(d) / METRICS).exists() else _read_jsonl(out / METRICS)
+        events = _read_jsonl(Path(d) / EVENTS) if (Path(d) / EVENTS).exists() else _read_jsonl(out / EVENTS)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    ckpt.set_rng_state(saved["rng"])
+    return TrainState.from_meta(saved["meta"], history, events, world, steps_per_epoch), resume
+
+
+def report_with_checkpoint(record: dict[str, Any], state: TrainState, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, cfg: Any, manifest: dict[str, Any],
+                           arch: dict[str, Any], tracker: Any) -> None:
+    """Every rank reports the epoch; rank 0 hands over the checkpoint: weights, optimiser and RNG states, the
+    state's meta and records, and after the last epoch the exported encoder."""
+    sess, p = session(), cfg.pretrain
+    meta = state.meta(arch, sess.world_size, p.batch_size, p.seed)
+    with tempfile.TemporaryDirectory(prefix="selfsup-ckpt-") as tmp:
+        if sess.rank == 0:
+            if state.epoch == p.epochs:
+                export_encoder(Path(tmp) / ENCODER_DIR, unwrap(model), cfg, manifest, state.knn_acc, tracker)
+            ckpt.save_checkpoint(tmp, model_state=unwrap(model).state_dict(),
+                                 optimizer_state=optimizer.state_dict(), meta=meta,
+                                 extra_files={METRICS: _jsonl(state.history), EVENTS: _jsonl(state.events)})
+        sess.report(record, checkpoint_dir=tmp if sess.rank == 0 else None,
+                    dir_name=ckpt.checkpoint_dir_name(state.epoch))
+
+
+def export_encoder(directory: Path, model: torch.nn.Module, cfg: Any, manifest: dict[str, Any],
+                   knn_acc: float | None, tracker: Any) -> None:
+    """The backbone (and head) for fine-tuning, its JSON last; also a W&B model artifact."""
+    enc = encoder_meta(cfg, manifest, model, epochs=cfg.pretrain.epochs, knn_acc=knn_acc)
+    save_encoder(directory, model, enc)
+    files = [directory / f for f in ("encoder.safetensors", "head.safetensors", ENCODER_META)]
+    tracker.log_artifact(f"{cfg.name}-encoder", "model", files, metadata=enc)
+
+
+# ------------------------------------------------------------------ 2. one epoch
+
+
+def train_one_epoch(state: TrainState, epoch: int, *, model: torch.nn.Module, criterion: NTXentLoss,
+                    optimizer: torch.optim.Optimizer, loader: ShardLoader, augment: BatchAugment,
+                    schedule: Callable[[int], float], steps: int, cfg: Any, tracker: Any,
+                    autocast: torch.autocast, channels_last: bool, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """`steps` steps on every rank; returns the epoch's metrics.jsonl record (summed over the ranks), or None
+    once the loss has been non-finite for `pretrain.max_nonfinite` steps in a row (on every rank at the same
+    step, since they agree on each skip)."""
+    sess = session()
+    rank, world, device = sess.rank, sess.world_size, sess.device
+    p = cfg.pretrain
+    t_epoch = time.perf_counter()
+    data_wait, loss_sum, loss_n, nonfinite, skipped_before = 0.0, 0.0, 0, 0, loader.skipped
+    batches = iter(loader)
+    for _ in sess.progress(range(steps), total=steps, desc=f"epoch {epoch + 1}"):
+        t_wait = time.perf_counter()
+        images, _labels = next(batches)
+        data_wait += time.perf_counter() - t_wait
+        inject_kill(cfg.fault, rank, state.step, Path(cfg.output_dir))
+
+        x = images.to(device, non_blocking=True)
+        with torch.no_grad():
+            v1, v2 = augment(x), augment(x)  # two independent views, parameters drawn per image
+        views = torch.cat([v1, v2])
+        if channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        lr = schedule(state.step)
+        loss = train_step(model, criterion, optimizer, views, lr, autocast,
+                          distributed=sess.distributed and world > 1,
+                          poison=0 <= cfg.fault.nan_at_step <= state.step)
+        state.step += 1  # a skipped step counts too: the schedule moves on
+        if loss is None:
+            state.nonfinite_run, state.nonfinite_total = state.nonfinite_run + 1, state.nonfinite_total + 1
+            nonfinite += 1
+            if state.nonfinite_run >= p.max_nonfinite:
+                return None
+            continue
+        state.nonfinite_run = 0
+        loss_sum, loss_n = loss_sum + loss, loss_n + 1
+        if rank == 0:
+            tracker.log({"train/loss": loss, "train/lr": lr}, step=state.step)
+            if not state.views_logged:
+                tracker.log_images("views", view_grid(v1, v2, manifest["mean"], manifest["std"]), step=state.step,
+                                   caption="augmented view pairs (left: view 1, right: view 2)")
+                state.views_logged = True
+
+    # ---- the epoch's numbers over every rank
+    seconds = time.perf_counter() - t_epoch
+    loss_sum, loss_n, data_wait, skipped, seconds_sum = reduce_sums(
+        [loss_sum, loss_n, data_wait, loader.skipped - skipped_before, seconds], device, sess.distributed and world > 1)
+    state.epoch, state.skipped_total = epoch + 1, state.skipped_total + int(skipped)
+    return {
+        "epoch": state.epoch,
+        "step": state.step,
+        "loss": loss_sum / loss_n if loss_n else float("nan"),
+        "lr": schedule(state.step - 1),
+        "images_per_s": steps * p.batch_size / max(seconds_sum / world, 1e-9),
+        "data_wait_s": data_wait / world,
+        "epoch_s": seconds_sum / world,
+        "skipped_samples": int(skipped),  # corrupt samples skipped this epoch, all ranks
+        "nonfinite_steps": nonfinite,
+    }
+
+
+# ------------------------------------------------------------------ 3. one step
+
+
+def train_step(model: torch.nn.Module, criterion: NTXentLoss, optimizer: torch.optim.Optimizer,
+               views: torch.Tensor, lr: float, autocast: torch.autocast, distributed: bool,
+               poison: bool = False) -> float | None:
+    """One update on `views` (the batch's first views, then its second views, in one tensor): the loss, or None
+    when it was non-finite on any rank and every rank skipped the update. `poison` makes the loss NaN (the
+    test aid fault.nan_at_step)."""
+    set_lr(optimizer, lr)
+    with autocast:
+        z1, z2 = model(views).float().chunk(2)
+    loss = criterion(z1, z2)  # negatives gathered from every rank: 2 x global batch - 2 per sample
+    if poison:
+        loss = loss * float("nan")
+    optimizer.zero_grad(set_to_none=True)
+    # every rank must agree to skip, or DDP's gradient all-reduce would wait forever for the others
+    if not all_finite(loss, distributed):
+        return None
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 # ------------------------------------------------------------------ helpers
