@@ -6,10 +6,12 @@ import argparse
 import os
 import sys
 
+from bench import cli as bench_cli
 from finetune import cli as finetune_cli
 from pretrain import cli as pretrain_cli
-from pretrain.cli import add_config_args
-from pretrain.errors import run_cli
+from runtime.args import add_config_args
+from runtime.errors import run_cli
+from shards import cli as shard_cli
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +23,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 def pipeline_main(args: argparse.Namespace) -> int:
     from cluster.pipeline import run_pipeline
-    from pretrain.cli import load_args_config
+    from runtime.args import load_args_config
 
     run_pipeline(load_args_config(args), force=args.force, local=args.local)
     return 0
@@ -63,15 +65,15 @@ def submit_main(args: argparse.Namespace) -> int:
 # name -> (help, add_args, main)
 STAGES = {
     "shard": ("write WebDataset shards and a manifest from an image source",
-              pretrain_cli.add_shard_args, pretrain_cli.shard_main),
+              shard_cli.add_shard_args, shard_cli.shard_main),
     "pretrain": ("SimCLR pretraining on Ray Train (or --local)",
                  pretrain_cli.add_pretrain_args, pretrain_cli.pretrain_main),
     "finetune": ("label-efficient fine-tuning, baselines and the report",
                  finetune_cli.add_finetune_args, finetune_cli.finetune_main),
     "pipeline": ("shard, pretrain, fine-tune and report in one resumable run", add_pipeline_args, pipeline_main),
     "submit": ("run any stage as a Ray job on a cluster", add_submit_args, submit_main),
-    "bench": ("measure the input pipeline against the usual one", pretrain_cli.add_bench_args,
-              pretrain_cli.bench_main),
+    "bench": ("measure the input pipeline against the usual one", bench_cli.add_bench_args,
+              bench_cli.bench_main),
     "predict": ("classify images with a fine-tuned model", finetune_cli.add_predict_args,
                 finetune_cli.predict_main),
 }

@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 
 from finetune.report import MIN_TEST_SAMPLES_FOR_VERDICT
-from pretrain.config import Config, save_config, to_dict
-from pretrain.errors import UserError
-from pretrain.runlock import hold, lock_scope
+from runtime.config import Config, save_config, to_dict
+from runtime.errors import UserError
+from runtime.runlock import hold, lock_scope
 
 STAGES = ("shard", "pretrain", "finetune")
 # The config sections whose change makes a finished stage stale (the rest -- trainer, wandb -- only say how
@@ -94,7 +94,7 @@ def _run_stages(cfg: Config, config_path: Path, first_forced: int, local: bool) 
 
 
 def _shard(cfg: Config, config_path: Path, local: bool) -> None:
-    from pretrain.shards import write_shards
+    from shards.writer import write_shards
 
     d = cfg.data
     if "://" in d.shards or d.shards.startswith("pipe:"):
@@ -147,7 +147,7 @@ def _marker(stage: str, cfg: Config) -> str:
 def _status(stage: str, cfg: Config) -> tuple[bool, str]:
     """(done, what changed in the config since it was done: '' when nothing or unknown)."""
     if stage == "shard":
-        from pretrain.shards import read_manifest
+        from shards.manifest import read_manifest
 
         try:
             manifest = read_manifest(cfg.data.shards)
@@ -216,8 +216,8 @@ def _diff(old: Any, new: Any, key: str, diffs: list[str]) -> None:
 
 def _interrupted_pretrain(cfg: Config) -> bool:
     """A pretraining attempt started here (its config.yaml) and left a checkpoint, but no encoder."""
-    from pretrain import checkpoint
-    from pretrain.launch import run_path
+    from runtime import checkpoint
+    from runtime.launch import run_path
 
     out = Path(cfg.output_dir)
     if (out / "encoder.json").exists() or not (out / "config.yaml").is_file():
@@ -243,7 +243,7 @@ def _set_aside(stage: str, cfg: Config) -> None:
         return
     if stage == "pretrain":
         names = ["encoder.json", "encoder.safetensors", "head.safetensors", "metrics.jsonl", "config.yaml"]
-        from pretrain.launch import run_path
+        from runtime.launch import run_path
 
         ckpts = run_path(cfg, _pretrain_run_name(cfg))
     else:
@@ -321,7 +321,7 @@ def _skipped(cfg: Config) -> dict[str, int]:
     """Corrupt samples the run skipped: at sharding (manifest) and at reading (last metrics.jsonl line)."""
     counts: dict[str, int] = {}
     try:
-        from pretrain.shards import read_manifest
+        from shards.manifest import read_manifest
 
         skipped = read_manifest(cfg.data.shards).get("skipped", 0)
         counts["sharding"] = int(sum(skipped.values()) if isinstance(skipped, dict) else skipped or 0)

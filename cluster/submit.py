@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pretrain.errors import UserError, one_line
+from runtime.errors import UserError, one_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never shipped to the cluster: environments, history, data and outputs (they can be gigabytes).
@@ -131,16 +131,18 @@ def read_requirements(root: Path | None = None) -> list[str]:
                         f"pass --no-requirements if the cluster image has them") from None
 
 
-def build_entrypoint(stage_args: list[str]) -> str:
-    from cluster.cli import STAGES
+# every `selfsup` stage but submit itself; a test keeps this equal to cluster.cli.STAGES (submit must not
+# import the CLI, which imports it)
+SUBMITTABLE = ("shard", "pretrain", "finetune", "pipeline", "bench", "predict")
 
+
+def build_entrypoint(stage_args: list[str]) -> str:
     if not stage_args:
         raise UserError("nothing to submit: give a stage after `--`, e.g. `selfsup submit -- pipeline "
                         "--config configs/digits.yaml`")
     stage, rest = stage_args[0], stage_args[1:]
-    runnable = [s for s in STAGES if s != "submit"]
-    if stage not in runnable:
-        raise UserError(f"unknown stage {stage!r} to submit (valid: {', '.join(runnable)})")
+    if stage not in SUBMITTABLE:
+        raise UserError(f"unknown stage {stage!r} to submit (valid: {', '.join(SUBMITTABLE)})")
     cmd = ["python", "-m", stage] if stage in OWN_ENTRY else ["python", "-m", "cluster", stage]
     return shlex.join(cmd + rest)
 

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from finetune.cli import add_finetune_args, finetune_main
-from pretrain.errors import run_cli
+from runtime.errors import run_cli
 
 
 def main(argv=None) -> int:

@@ -18,9 +18,9 @@ from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
 
 from pretrain.augment import BatchAugment, normalize, resolve_augment
-from pretrain.config import AugmentConfig
 from pretrain.model import build_backbone
 from pretrain.optim import lr_at, param_groups, set_lr
+from runtime.config import AugmentConfig
 
 
 class Classifier(nn.Module):
@@ -160,7 +160,7 @@ def train_supervised_stream(model: nn.Module, loader, augment, *, epochs: int, l
                             lr: float, weight_decay: float, device: str | torch.device = "cpu") -> dict[str, float]:
     """`train_supervised` for a labeled subset too large to hold: the same budget (steps for `epochs` passes
     over `labeled` images in batches of `batch_size`, cosine lr with a short warmup), reading batches from
-    `loader` (a `pretrain.reader.ShardLoader` over the subset's keys with this rank's share of the batch,
+    `loader` (a `shards.reader.ShardLoader` over the subset's keys with this rank's share of the batch,
     `equal_batches=True`), epoch after epoch until the steps are done."""
     bs = min(batch_size, labeled)
     steps = max(epochs, math.ceil(epochs * labeled / bs))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pretrain.cli import add_config_args
-from pretrain.runlock import hold, lock_scope
+from runtime.args import add_config_args
+from runtime.runlock import hold, lock_scope
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
@@ -15,7 +15,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
 @lock_scope
 def finetune_main(args: argparse.Namespace) -> int:
     from finetune.run import run_finetune
-    from pretrain.cli import load_args_config
+    from runtime.args import load_args_config
 
     cfg = load_args_config(args)
     _claim_output_dir(cfg.output_dir)
@@ -37,7 +37,7 @@ def _claim_output_dir(output_dir: str) -> None:
     import os
     from pathlib import Path
 
-    from pretrain.errors import UserError
+    from runtime.errors import UserError
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -62,7 +62,7 @@ def predict_main(args: argparse.Namespace) -> int:
     import sys
 
     from finetune.predict import predict_files
-    from pretrain.errors import one_line
+    from runtime.errors import one_line
 
     failed = []
 

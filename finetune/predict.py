@@ -20,8 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from finetune.classifier import build_classifier, predict_logits
-from pretrain.config import atomic_write_text, umask_mode
-from pretrain.errors import UserError
+from runtime.config import atomic_write_text, umask_mode
+from runtime.errors import UserError
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -104,7 +104,7 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     """uint8 [C, size, size] prepared as the shards were: mode, shorter side to `size`, center crop."""
     from PIL import Image, UnidentifiedImageError
 
-    from pretrain.sources import decode_image
+    from shards.sources import decode_image
 
     try:
         img = decode_image(str(path))[0].convert("L" if channels == 1 else "RGB")  # as `selfsup shard` decodes

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.config import METHODS, atomic_write_text
+from runtime.config import METHODS, atomic_write_text
 
 BASELINES = ("pixels", "scratch")
 MIN_SEEDS = 2  # a standard deviation needs two seeds; below that no 2-std verdict is given

@@ -32,13 +32,13 @@ from finetune.predict import save_classifier
 from finetune.report import build_report, result_row, table_rows, write_report
 from finetune.subsets import FULL, check_disjoint, fractions_to_run, labeled_subset, subset_seed
 from finetune.supervised import SELECTION, TRAINED, supervised_loop
-from pretrain.config import METHODS, Config, save_config
-from pretrain.errors import UserError
-from pretrain.launch import run_tasks, run_training
 from pretrain.model import check_compatible, load_encoder
-from pretrain.reader import split_index
-from pretrain.shards import read_manifest
-from pretrain.tracking import init_tracking
+from runtime.config import METHODS, Config, save_config
+from runtime.errors import UserError
+from runtime.launch import run_tasks, run_training
+from runtime.tracking import init_tracking
+from shards.manifest import read_manifest
+from shards.reader import split_index
 
 ENCODER_METHODS = ("scratch", "knn", "linear", "finetune", "semi")  # scratch borrows only the architecture
 

@@ -81,7 +81,7 @@ def fixmatch(model: nn.Module, images: torch.Tensor | None, labels: torch.Tensor
              epochs: int, batch_size: int, lr: float, weight_decay: float, threshold: float, seed: int, lambda_u: float = 1.0,
              rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
              labeled_loader=None) -> dict[str, float]:
-    """`unlabeled`: a pretrain.reader.ShardLoader (uint8 batches, labels ignored), `epochs` passes over it;
+    """`unlabeled`: a shards.reader.ShardLoader (uint8 batches, labels ignored), `epochs` passes over it;
     `batch_size`: the labeled batch (the unlabeled one is the loader's). A labeled subset too large to hold
     comes as `labeled_loader` instead of `images`/`labels` (a ShardLoader over its keys, this rank's share of
     the batch), cycled.

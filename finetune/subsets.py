@@ -1,7 +1,7 @@
 """Which labeled fractions to run, and the labeled subset for a fraction and seed.
 
 "The subset for seed s" is the same wherever it is drawn: the manifest's stored key list when the manifest
-holds that seed, else `pretrain.shards.draw_labeled_subset` on the train split (the function `selfsup shard`
+holds that seed, else `shards.manifest.draw_labeled_subset` on the train split (the function `selfsup shard`
 used). Seed index i of a fine-tuning run means subset seed `manifest seed + i`, so index 0 is the stored one.
 Subsets only ever come from the train split; `check_disjoint` proves no test key is among them.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pretrain.errors import UserError
-from pretrain.shards import draw_labeled_subset, shard_url
+from runtime.errors import UserError
+from shards.manifest import draw_labeled_subset, shard_url
 
 FULL = 1.0
 

@@ -1,7 +1,7 @@
 """The trained methods (`scratch`, `finetune`, `semi`) for every labeled subset: one per-worker function.
 
 `supervised_loop` runs in one of three ways (`finetune.run.execution_mode`): in this process; as one Ray task
-per labeled subset (`pretrain.launch.run_tasks`, each task a world of 1); or on Ray Train workers, exactly like
+per labeled subset (`runtime.launch.run_tasks`, each task a world of 1); or on Ray Train workers, exactly like
 pretraining (`run_training`), where each rank takes its share of every labeled and pool batch (FixMatch: of the
 unlabeled stream, `ShardLoader(rank, world_size)`), DDP averages the gradients, and rank 0's results count.
 """
@@ -19,10 +19,10 @@ from finetune import classifier as clf
 from finetune.data import labeled_images, pool_images, sample_of, stream_predict
 from finetune.linear import encode
 from finetune.semi import distill, fixmatch, propagate
-from pretrain.launch import session
 from pretrain.model import unwrap
-from pretrain.reader import ShardLoader
-from pretrain.shards import read_manifest
+from runtime.launch import session
+from shards.manifest import read_manifest
+from shards.reader import ShardLoader
 
 TRAINED = ("scratch", "finetune", "semi")
 # The classifier shipped per labeled fraction, by a fixed rule that never looks at the test split: the first

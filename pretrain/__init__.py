@@ -1,1 +1,2 @@
-"""Bottom layer: config, shards, augmentation, model, the training loop and the Ray Train launcher."""
+"""SimCLR pretraining: the per-worker training loop, the model (timm backbone + lightly head), batch
+augmentation, the optimiser and schedule, the kNN monitor, and the `selfsup pretrain` command."""

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from pretrain.cli import add_pretrain_args, pretrain_main
-from pretrain.errors import run_cli
+from runtime.errors import run_cli
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.errors import UserError
+from runtime.errors import UserError
 
 # SimCLR (Chen et al. 2020, appendix A): crop (0.08, 1) + flip + jitter(0.8s, 0.8s, 0.8s, 0.2s) p=0.8 +
 # grayscale p=0.2 + blur p=0.5 (ImageNet only; CIFAR recipes drop it and use s=0.5).

@@ -1,6 +1,4 @@
-"""Command-line glue for the bottom-layer stages: `shard`, `pretrain`, `bench`.
-
-Each stage has `add_*_args(parser)` and `*_main(args)`; `selfsup` (cluster/cli.py) and
+"""`selfsup pretrain`: `add_pretrain_args(parser)` and `pretrain_main(args)`; `selfsup` (cluster/cli.py) and
 `python -m pretrain` both build their parsers from these, so the options are defined once.
 """
 
@@ -10,53 +8,9 @@ import argparse
 import contextlib
 import os
 
-from pretrain.errors import UserError, disk_full_message, is_disk_full
-from pretrain.runlock import hold, lock_scope
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """`--config FILE` and trailing `key.sub=value` overrides, shared by every config-driven stage."""
-    p.add_argument("--config", default=None, help="YAML config (default: built-in digits defaults)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-
-
-def load_args_config(args: argparse.Namespace):
-    from pretrain.config import load_config
-
-    return load_config(args.config, args.overrides)
-
-
-# ------------------------------------------------------------------ shard
-
-
-def add_shard_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="digits | cifar10 | cifar100 | stl10 | folder")
-    p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
-    p.add_argument("--input", default=None, help="raw data directory (all sources but digits)")
-    p.add_argument("--shard-size", type=int, default=512, help="samples per shard (default 512)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize so the shorter side is this many px (default: digits 16, others as given)")
-    p.add_argument("--labeled-fractions", default="0.01,0.1",
-                   help="labeled subsets to store, comma-separated, each in (0, 1] (default 0.01,0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the labeled subsets (default 0)")
-    p.add_argument("--test-fraction", type=float, default=0.2,
-                   help="folder DIR/<class>/*: share of each class held out as test (default 0.2)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="processes writing shards in parallel (default: min(4, cores))")
-
-
-def shard_main(args: argparse.Namespace) -> int:
-    from pretrain.shards import write_shards
-
-    m = write_shards(args.source, args.out, input_dir=args.input, shard_size=args.shard_size,
-                     image_size=args.image_size, labeled_fractions=args.labeled_fractions, seed=args.seed,
-                     test_fraction=args.test_fraction, workers=args.workers)
-    splits = ", ".join(f"{s['count']} {name}" for name, s in m["splits"].items() if s["count"])
-    shards = sum(len(s["shards"]) for s in m["splits"].values())
-    print(f"{m['source']}: {splits} images in {shards} shards at {args.out} "
-          f"({m['image_size']} px, {m.get('skipped', 0)} skipped)")
-    return 0
-
+from runtime.args import add_config_args, load_args_config
+from runtime.errors import UserError, disk_full_message, is_disk_full
+from runtime.runlock import hold, lock_scope
 
 # --------------------------------------------------------------- pretrain
 
@@ -72,8 +26,8 @@ def pretrain_main(args: argparse.Namespace) -> int:
     """Train SimCLR (Ray Train, or in-process with --local); `--resume RUN_DIR` continues a run."""
     from pathlib import Path
 
-    from pretrain.config import load_config, save_config
-    from pretrain.shards import read_manifest
+    from runtime.config import load_config, save_config
+    from shards.manifest import read_manifest
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -102,9 +56,9 @@ def pretrain_main(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(cfg.data.shards)
     # torch, Ray and lightly load only once the config and the shards are known to be good
-    from pretrain import checkpoint as ckpt
-    from pretrain.launch import check_reachable, run_path, run_training
     from pretrain.loop import arch_of, per_rank_batch, publish_outputs, train_loop
+    from runtime import checkpoint as ckpt
+    from runtime.launch import check_reachable, run_path, run_training
 
     local = args.local or cfg.trainer.num_workers == 0
     per_rank_batch(cfg.pretrain.batch_size, 1 if local else cfg.trainer.num_workers, manifest, cfg.data.shards)
@@ -151,36 +105,3 @@ def _dir_size(path: str) -> int:
     from pathlib import Path
 
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-# ------------------------------------------------------------------ bench
-
-
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p)
-    p.add_argument("--backbone", default=None, help="timm model name (default: resnet18, full width)")
-    p.add_argument("--image-size", type=int, default=None, help="crop size (default: 32, or the shards' size)")
-    p.add_argument("--batch", type=int, default=256, help="global batch of source images (two views each)")
-    p.add_argument("--parts", default="loader,decode,model,end_to_end,ray,scaling",
-                   help="comma list of sections to run (also: memory, not run by default)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (the median is reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--shards", default=None, help="shards dir to read (default: write CIFAR-like shards to a temp dir)")
-    p.add_argument("--images", type=int, default=6144, help="images in the generated shards")
-    p.add_argument("--loader-workers", default="0,2", help="loader worker counts to compare, comma list")
-    p.add_argument("--loader-batches", type=int, default=4, help="batches per timed loader repeat")
-    p.add_argument("--loader-threads", type=int, default=1,
-                   help="torch threads of the loader section's main process (1: a per-core comparison)")
-    p.add_argument("--decode-images", type=int, default=1000, help="images per timed decode repeat")
-    p.add_argument("--memory-sizes", default="10000,100000",
-                   help="memory part: image counts of the synthetic folders, comma list (default 10000,100000)")
-    p.add_argument("--memory-classes", type=int, default=100, help="memory part: classes of the folders (default 100)")
-    p.add_argument("--memory-dir", default=None,
-                   help="memory part: keep its folders, shards, runs and logs here (default: a temp dir, removed)")
-    p.add_argument("--out", default="bench.json", help="where to write the figures (default ./bench.json)")
-
-
-def bench_main(args: argparse.Namespace) -> int:
-    from pretrain.bench import main
-
-    return main(args)

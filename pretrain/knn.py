@@ -72,7 +72,7 @@ def knn_accuracy(backbone: nn.Module, train_images: torch.Tensor, train_labels: 
 def stream_features(backbone: nn.Module, batches, transform: Callable[[torch.Tensor], torch.Tensor],
                     device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """`(features [N, D] on CPU, labels [N], keys)` of streamed `(images uint8, labels, keys)` batches (e.g.
-    `pretrain.reader.iter_split`), in eval mode: only the features are kept, never the images."""
+    `shards.reader.iter_split`), in eval mode: only the features are kept, never the images."""
     was_training = backbone.training
     backbone.eval()
     feats, labels, keys = [], [], []

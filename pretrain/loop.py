@@ -7,7 +7,7 @@ Three parts, in reading order (the shape of DINO's `train_dino`/`train_one_epoch
    summed over every rank.
 3. `train_step`: forward, NT-Xent over the global batch, the non-finite guard every rank agrees on, the update.
 `TrainState` is what a checkpoint restores besides the weights, the optimiser and the RNG states.
-The launcher (`pretrain.launch`) decides where it runs; `session()` hides the difference.
+The launcher (`runtime.launch`) decides where it runs; `session()` hides the difference.
 
 Where the outputs go: rank 0 may run on any node of a cluster, so it never writes into `output_dir` (the
 driver's disk). Everything the run produces travels in its checkpoints (`trainer.storage_path`, shared by
@@ -36,11 +36,8 @@ import torch
 import torch.distributed as dist
 from lightly.loss import NTXentLoss
 
-from pretrain import checkpoint as ckpt
 from pretrain.augment import BatchAugment, normalize
-from pretrain.errors import UserError
 from pretrain.knn import knn_predict, stream_features
-from pretrain.launch import session
 from pretrain.model import (
     ENCODER_META,
     build_model,
@@ -50,9 +47,12 @@ from pretrain.model import (
     unwrap,
 )
 from pretrain.optim import build_optimizer, lr_at, set_lr
-from pretrain.reader import ShardLoader, iter_split, sample_keys
-from pretrain.shards import read_manifest
-from pretrain.tracking import init_tracking, view_grid
+from runtime import checkpoint as ckpt
+from runtime.errors import UserError
+from runtime.launch import session
+from runtime.tracking import init_tracking, view_grid
+from shards.manifest import read_manifest
+from shards.reader import ShardLoader, iter_split, sample_keys
 
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
@@ -508,7 +508,7 @@ def publish_outputs(result: dict[str, Any] | None, cfg: Any, local: bool) -> lis
     when the run finished, the encoder (encoder.json last: it marks the stage done); from rank 0's return
     value: its W&B files. Called after a failed run too, so the epochs that were checkpointed are on record.
     Returns the names written."""
-    from pretrain.launch import run_path
+    from runtime.launch import run_path
 
     out = Path(cfg.output_dir)
     written = unpack_files((result or {}).get("files") or {}, out)

@@ -20,8 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pretrain.config import umask_mode
-from pretrain.errors import UserError
+from runtime.config import umask_mode
+from runtime.errors import UserError
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 HEAD_WEIGHTS = "head.safetensors"

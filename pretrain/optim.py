@@ -14,7 +14,7 @@ import torch
 from lightly.utils.lars import LARS
 from torch import nn
 
-from pretrain.errors import UserError
+from runtime.errors import UserError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

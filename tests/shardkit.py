@@ -1,6 +1,6 @@
 """Tiny real shards for the reader and augmentation tests, in the exact docs/interfaces.md format.
 
-Written with webdataset's own `ShardWriter`, independent of `pretrain/shards.py` (built in parallel), so the
+Written with webdataset's own `ShardWriter`, independent of `shards/writer.py` (built in parallel), so the
 reader is tested against the format, not against one writer. Every image carries its global sample index in
 its first two pixels (lossless PNG), so a test can tell which samples a loader yielded without keys.
 """

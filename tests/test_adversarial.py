@@ -63,7 +63,7 @@ def _chattr(path: Path, flag: str) -> bool:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """Real digits shards, a finished-looking run dir, broken config files, an immutable finished dir."""
-    from pretrain.shards import write_shards
+    from shards.writer import write_shards
 
     root = tmp_path_factory.mktemp("adv")
     write_shards("digits", root / "shards", labeled_fractions=[0.1], progress=False, workers=1)
@@ -167,7 +167,7 @@ def _dead_pid() -> int:
 
 
 def test_a_held_lock_refuses_in_one_line_and_a_stale_one_is_taken_over(tmp_path):
-    from pretrain.runlock import LOCK_FILE, run_lock
+    from runtime.runlock import LOCK_FILE, run_lock
 
     out = tmp_path / "shards"
     out.mkdir()
@@ -191,7 +191,7 @@ def test_a_held_lock_refuses_in_one_line_and_a_stale_one_is_taken_over(tmp_path)
 
 
 def test_the_lock_of_a_killed_run_is_stale(big_cifar, tmp_path):
-    from pretrain.runlock import LOCK_FILE
+    from runtime.runlock import LOCK_FILE
 
     out = tmp_path / "s"
     argv = ["shard", "cifar10", "--input", str(big_cifar), "--out", str(out), "--shard-size", "200", "--workers", "1"]
@@ -257,8 +257,8 @@ def test_two_pipelines_on_one_output_dir(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_kept_files_follow_the_umask(tmp_path, umask):
-    from pretrain.config import atomic_write_text
-    from pretrain.shards import write_shards
+    from runtime.config import atomic_write_text
+    from shards.writer import write_shards
 
     old = os.umask(umask)
     try:
@@ -307,7 +307,7 @@ def _shard_images(shards: Path) -> dict[str, list[np.ndarray]]:
 
 def test_16bit_png_scaled_and_exif_upright_in_shard_and_predict(tmp_path):
     from finetune.predict import load_image
-    from pretrain.shards import write_shards
+    from shards.writer import write_shards
 
     raw = tmp_path / "raw"
     for c in ("grey16", "portrait"):
@@ -507,8 +507,8 @@ def test_an_empty_test_split_made_earlier_says_what_to_do(tmp_path):
     message says what can."""
     from shardkit import make_shards
 
-    from pretrain.errors import UserError
-    from pretrain.reader import load_split
+    from runtime.errors import UserError
+    from shards.reader import load_split
 
     make_shards(tmp_path / "s", {"train": 8, "test": 0}, num_classes=8)
     with pytest.raises(UserError, match="holds no images .* at least 2 images per class"):

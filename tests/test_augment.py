@@ -9,8 +9,8 @@ from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 
 from pretrain.augment import PRESETS, BatchAugment, normalize, resolve_augment
-from pretrain.config import AugmentConfig, load_config
-from pretrain.errors import UserError
+from runtime.config import AugmentConfig, load_config
+from runtime.errors import UserError
 
 torch.set_num_threads(1)
 N = 4000  # images per statistic: a rate p is measured within 4 standard errors, sqrt(p(1-p)/N) <= 0.008

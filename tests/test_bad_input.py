@@ -32,7 +32,7 @@ def free_port() -> int:
 def ws(tmp_path_factory):
     """A workspace: real digits shards, a finished-looking run dir, an encoder dir without its JSON, a file
     where a dir is expected, a broken config, and a directory even root cannot write into (chattr +i)."""
-    from pretrain.shards import write_shards
+    from shards.writer import write_shards
 
     root = tmp_path_factory.mktemp("bad")
     write_shards("digits", root / "shards", labeled_fractions=[0.1], progress=False)

@@ -99,7 +99,7 @@ def test_memory_sampler_sees_every_process_of_the_tree(tmp_path):
     """A driver that starts a child holding 300 MiB: the child's peak is recorded, apart from the driver's."""
     import sys
 
-    from pretrain.bench_memory import run_measured
+    from bench.memory import run_measured
 
     child = "b = bytearray(300 * 2**20); import time; time.sleep(1.0)"
     driver = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], check=True)"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cluster.cli import build_parser
-from pretrain.config import load_config
+from runtime.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "cluster" / "launcher.yaml"

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.config import Config, load_config, save_config, to_dict
-from pretrain.errors import UserError
+from runtime.config import Config, load_config, save_config, to_dict
+from runtime.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 from cluster.cli import main as selfsup
 from finetune.run import unlabeled_splits
 from finetune.subsets import check_disjoint, labeled_subset
-from pretrain.config import METHODS, Config, load_config
-from pretrain.errors import UserError
 from pretrain.model import build_model, encoder_meta, save_encoder
-from pretrain.reader import load_split
-from pretrain.shards import write_shards
+from runtime.config import METHODS, Config, load_config
+from runtime.errors import UserError
+from shards.reader import load_split
+from shards.writer import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"channels": [8, 16, 32, 64]}
@@ -237,7 +237,7 @@ def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method):
 def test_a_task_that_cannot_read_the_shards_fails_in_one_line(data, tmp_path):
     """A Ray task's own UserError (here: shards the worker cannot read) reaches the driver as that error."""
     from finetune.supervised import supervised_loop
-    from pretrain.launch import run_tasks
+    from runtime.launch import run_tasks
 
     cfg = load_config(None, [f"data.shards={tmp_path / 'missing'}", f"output_dir={tmp_path / 'o'}",
                              "trainer.torch_threads=1"])
@@ -261,7 +261,7 @@ def test_plot_is_a_valid_png(run):
 
 @pytest.mark.slow
 def test_wandb_run_holds_the_table_and_the_plot(run):
-    from pretrain.tracking import read_run_history
+    from runtime.tracking import read_run_history
 
     run_dirs = sorted((run / "wandb").glob("offline-run-*"))
     assert run_dirs, "an offline W&B run"

@@ -48,7 +48,7 @@ def _ok(r: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from pretrain.shards import write_shards
+    from shards.writer import write_shards
 
     d = tmp_path_factory.mktemp("gpu") / "shards"
     write_shards("digits", d, labeled_fractions=(0.1,), seed=0, workers=1)
@@ -186,7 +186,7 @@ def test_every_finetune_method_on_the_gpu_then_predict(gpu_run, shards, tmp_path
 
     from PIL import Image
 
-    from pretrain.reader import load_split
+    from shards.reader import load_split
 
     x, _, keys = load_split(str(shards), "test")
     with open(model / "predictions.csv") as f:

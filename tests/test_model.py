@@ -9,8 +9,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pretrain.config import Config
-from pretrain.errors import UserError, one_line
 from pretrain.model import (
     SimCLRModel,
     build_backbone,
@@ -21,6 +19,8 @@ from pretrain.model import (
     save_encoder,
 )
 from pretrain.optim import build_optimizer, build_scheduler, lr_at, param_groups
+from runtime.config import Config
+from runtime.errors import UserError, one_line
 
 torch.set_num_threads(1)
 

@@ -102,7 +102,7 @@ def test_force_pretrain_moves_checkpoints_aside(tmp_path, uri):
     """--force pretrain must clear the run's checkpoints (else pretraining refuses to start over them), keeping
     them: under superseded/ for a local storage_path, renamed in place for a URI (file:// here, s3:// alike)."""
     from cluster.pipeline import _set_aside
-    from pretrain.config import load_config
+    from runtime.config import load_config
 
     storage = tmp_path / "store"
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}",

@@ -17,11 +17,11 @@ import torch
 
 from finetune import classifier as clf
 from finetune.report import build_report, result_row, to_markdown
-from pretrain import checkpoint as ckpt
 from pretrain.augment import normalize
-from pretrain.config import Config
 from pretrain.knn import extract_features
 from pretrain.model import build_model, encoder_meta
+from runtime import checkpoint as ckpt
+from runtime.config import Config
 
 TINY = {"channels": [8, 16, 32, 64]}
 

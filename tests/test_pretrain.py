@@ -23,11 +23,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain import checkpoint as ckpt
 from pretrain.cli import add_pretrain_args, pretrain_main
-from pretrain.errors import run_cli
-from pretrain.reader import ShardLoader
-from pretrain.shards import write_shards
+from runtime import checkpoint as ckpt
+from runtime.errors import run_cli
+from shards.reader import ShardLoader
+from shards.writer import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -212,8 +212,8 @@ def ray_cluster(shards):
     import ray
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
-    from pretrain.config import load_config
-    from pretrain.launch import init_ray
+    from runtime.config import load_config
+    from runtime.launch import init_ray
 
     assert init_ray(load_config(None, ["trainer.num_workers=2"]))
     try:

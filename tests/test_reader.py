@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from shardkit import encode, image_for, keys_of, make_shards, write_manifest, write_raw_tar
 
-from pretrain.errors import UserError
-from pretrain.reader import ShardLoader, load_split
+from runtime.errors import UserError
+from shards.reader import ShardLoader, load_split
 
 torch.set_num_threads(1)
 

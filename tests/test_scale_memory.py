@@ -16,10 +16,10 @@ from PIL import Image
 
 from cluster.cli import main as selfsup
 from finetune.data import pool_images
-from pretrain.config import load_config
 from pretrain.loop import _knn_data, knn_monitor
 from pretrain.model import build_backbone
-from pretrain.reader import iter_split, sample_keys, sample_split, split_index
+from runtime.config import load_config
+from shards.reader import iter_split, sample_keys, sample_split, split_index
 from tests.datafiles import write_image_folder
 from tests.shardkit import make_shards
 
@@ -103,7 +103,7 @@ def test_knn_monitor_streams_features_of_a_bounded_seeded_sample(shards):
 
 def test_a_large_labeled_subset_trains_from_the_stream_on_the_same_budget(shards):
     from finetune.classifier import build_classifier, train_supervised_stream
-    from pretrain.reader import ShardLoader
+    from shards.reader import ShardLoader
 
     keys = split_index(shards, "train")[0][:40]
     arch = {"model": "resnet18", "timm_kwargs": TINY, "in_chans": 3, "stem": "small", "num_features": 64,

@@ -17,9 +17,10 @@ import pytest
 import webdataset as wds
 
 from cluster.cli import main as selfsup
-from pretrain import shards
-from pretrain.errors import UserError
-from pretrain.shards import MANIFEST, draw_labeled_subset, read_manifest, shard_url, write_shards
+from runtime.errors import UserError
+from shards import writer
+from shards.manifest import MANIFEST, draw_labeled_subset, read_manifest, shard_url
+from shards.writer import write_shards
 from tests.datafiles import (
     write_cifar10,
     write_cifar100,
@@ -194,21 +195,21 @@ def test_unresized_folder_images_are_stored_byte_for_byte(tmp_path):
 
 
 def test_parallel_workers_write_the_same_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "PARALLEL_MIN_IMAGES", 0)  # use the pool even for these few images
+    monkeypatch.setattr(writer, "PARALLEL_MIN_IMAGES", 0)  # use the pool even for these few images
     raw = tmp_path / "raw"
     write_image_folder(raw, layout="split", classes=("a", "b"), per_class=6, n_unlabeled=5)
     one = write_shards("folder", tmp_path / "one", input_dir=raw, shard_size=3, workers=1)
     # fork when this process runs no other threads; earlier tests in the same process may have left some
     alive = [t for t in threading.enumerate()
              if t is not threading.main_thread() and type(t).__name__ != "TMonitor"]
-    assert shards._pool_context().get_start_method() == ("forkserver" if alive else "fork")
+    assert writer._pool_context().get_start_method() == ("forkserver" if alive else "fork")
     two = write_shards("folder", tmp_path / "two", input_dir=raw, shard_size=3, workers=2)
     # another thread alive (as under Ray or W&B): the pool must not fork this process, but still work
     stop = threading.Event()
     busy = threading.Thread(target=stop.wait)
     busy.start()
     try:
-        assert shards._pool_context().get_start_method() == "forkserver"
+        assert writer._pool_context().get_start_method() == "forkserver"
         three = write_shards("folder", tmp_path / "three", input_dir=raw, shard_size=3, workers=2)
     finally:
         stop.set()

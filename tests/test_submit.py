@@ -157,6 +157,12 @@ def test_runtime_env_hides_the_key_and_ships_the_project(monkeypatch):
     assert submit.build_entrypoint(["pipeline", "--config", "x.yaml"]) == "python -m cluster pipeline --config x.yaml"
 
 
+def test_every_stage_but_submit_is_submittable():
+    from cluster.cli import STAGES
+
+    assert set(submit.SUBMITTABLE) == set(STAGES) - {"submit"}
+
+
 # ------------------------------------------------------------------ against a real head
 
 

@@ -1,4 +1,4 @@
-"""pretrain.tarstream against webdataset's tarfile-based iterator, on real tar files of every header kind."""
+"""shards.tarstream against webdataset's tarfile-based iterator, on real tar files of every header kind."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tarfile
 import pytest
 from webdataset.tariterators import tar_file_iterator
 
-from pretrain.tarstream import iter_tar
+from shards.tarstream import iter_tar
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 

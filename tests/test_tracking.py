@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.config import Config
-from pretrain.tracking import (
+from runtime.config import Config
+from runtime.tracking import (
     Tracker,
     init_tracking,
     read_run_history,

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.config import umask_mode
-from pretrain.errors import UserError
+from runtime.config import umask_mode
+from runtime.errors import UserError
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from pretrain.errors import UserError
+from runtime.errors import UserError
 
 SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder")
 MIN_IMAGE_SIZE = 8  # the smallest image side anything is stored or trained at (shards refuse smaller images)

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from pretrain import checkpoint as ckpt
-from pretrain.config import umask_mode
-from pretrain.errors import UserError, one_line
+from runtime import checkpoint as ckpt
+from runtime.config import umask_mode
+from runtime.errors import UserError, one_line
 
 # ------------------------------------------------------------------ sessions
 

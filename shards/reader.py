@@ -44,9 +44,9 @@ from torchvision.io import ImageReadMode, decode_image
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys
 
-from pretrain.errors import UserError
-from pretrain.shards import URL_SCHEME, open_url
-from pretrain.tarstream import iter_tar
+from runtime.errors import UserError
+from shards.manifest import URL_SCHEME, open_url
+from shards.tarstream import iter_tar
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def _raw_label(check: _Decoder, sample: dict, shard: _Shard) -> int | None:
 
 
 def read_manifest(shards_dir: str) -> dict[str, Any]:
-    from pretrain.shards import read_manifest as read  # the one validating reader; lazy: shards is heavier
+    from shards.manifest import read_manifest as read  # the one validating reader; lazy: shards is heavier
 
     return read(shards_dir)
 
@@ -318,7 +318,7 @@ def resolve_shard(shards_dir: str, entry: str) -> str:
     relative paths joined to the manifest's dir (refusing paths that leave it)."""
     if URL_SCHEME.match(entry) and not re.match(r"^[a-zA-Z]:[\\/]", entry):  # but not C:\ drive paths
         return entry
-    from pretrain.shards import shard_url
+    from shards.manifest import shard_url
 
     return shard_url(shards_dir, entry)
 
@@ -553,7 +553,7 @@ def _samples(shard: _Shard, skips: Counter, keys: frozenset | None = None, start
     def files():
         # the tar's own errors end the file stream here, so the last complete sample is still grouped
         try:
-            for f in iter_tar(stream):  # not tarfile: it cost more than the PNG decode (pretrain/tarstream.py)
+            for f in iter_tar(stream):  # not tarfile: it cost more than the PNG decode (shards/tarstream.py)
                 yield {**f, "__url__": shard.url}
         except Exception as e:  # noqa: BLE001 -- tarfile.ReadError, EOFError, zlib errors: the rest is lost
             errors.append(e)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pretrain.errors import UserError
+from runtime.errors import UserError
 
 LOCK_FILE = ".selfsup.lock"
 _held: dict[str, int] = {}  # resolved lock path -> nesting depth, in this process

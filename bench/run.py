@@ -12,7 +12,7 @@ Sections (choose with --parts; each one measures one thing):
 - `ray`:        the same steps under Ray Train with one worker against in-process, and launch-to-first-step;
 - `scaling`:    1 against 2 Ray Train workers at the same global batch;
 - `memory`:     (only when asked for) peak resident memory of every process of `shard`, `pretrain` and
-                `finetune` on synthetic folders of 10,000 and 100,000 images (`pretrain/bench_memory.py`).
+                `finetune` on synthetic folders of 10,000 and 100,000 images (`bench/memory.py`).
 Every figure is the median of `repeats` timed runs after a warm-up, with torch's thread count fixed and
 written into the output. On a GPU the same code measures there: augmentation on the device, bf16
 autocast and channels_last (as the training loop does).
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.errors import UserError
+from runtime.errors import UserError
 
 PARTS = ("loader", "decode", "model", "end_to_end", "ray", "scaling", "memory")
 # Without --config the bench measures the issue's reference setting: CIFAR-like 32 px shards, ResNet-18 at
@@ -121,7 +121,7 @@ def make_bench_shards(out_dir: str | os.PathLike, count: int = 6144, image_size:
     photos rather than like noise or flat colour) in 10 class folders, sharded by `selfsup shard folder`."""
     from PIL import Image
 
-    from pretrain.shards import write_shards
+    from shards.writer import write_shards
 
     out = Path(out_dir)
     raw = out / "images"
@@ -146,7 +146,7 @@ def encoded_samples(shards: str, manifest: dict, limit: int) -> list[tuple[str, 
     """The first `limit` (extension, encoded image) of the train split, as stored: what both decoders get."""
     import tarfile
 
-    from pretrain.shards import shard_url
+    from shards.manifest import shard_url
 
     out: list[tuple[str, bytes]] = []
     for rel in manifest["splits"]["train"]["shards"]:
@@ -172,7 +172,7 @@ def bench_decode(b: Bench) -> dict:
     """Images per second per core: our reader's decoder against PIL, on the same encoded bytes."""
     from PIL import Image
 
-    from pretrain.reader import _Decoder, _Shard
+    from shards.reader import _Decoder, _Shard
 
     samples = encoded_samples(b.shards, b.manifest, b.decode_images)
     mode = "L" if b.channels == 1 else "RGB"
@@ -229,7 +229,7 @@ def reference_batches(b: Bench, workers: int) -> Iterator[int]:
     """The usual pipeline: webdataset -> PIL decode -> SimCLRTransform per image -> DataLoader collate."""
     import webdataset as wds
 
-    from pretrain.shards import shard_url
+    from shards.manifest import shard_url
 
     urls = [shard_url(b.shards, rel) for s in b.splits if s in b.manifest["splits"]
             for rel in b.manifest["splits"][s]["shards"]]
@@ -249,7 +249,7 @@ def our_batches(b: Bench, workers: int, batch: int | None = None, rank: int = 0,
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Ours: uint8 batches from the shard reader, both views augmented on the device, epoch after epoch."""
     from pretrain.augment import BatchAugment
-    from pretrain.reader import ShardLoader
+    from shards.reader import ShardLoader
 
     loader = ShardLoader(b.shards, splits=tuple(s for s in b.splits if s in b.manifest["splits"]),
                          batch_size=batch or b.batch, rank=rank, world_size=world, seed=b.cfg.data.seed,
@@ -368,13 +368,13 @@ def bench_model(b: Bench) -> dict:
 def steps_loop(config: dict) -> dict:
     """The per-worker function of `end_to_end`, `ray` and `scaling`: real loader, augmentation and step.
 
-    Runs through `pretrain.launch.run_training`, so in-process and under Ray Train it is the same code.
+    Runs through `runtime.launch.run_training`, so in-process and under Ray Train it is the same code.
     Returns per-step seconds after the warm-up, the part of them spent getting both views (`data_s`), and
     the wall-clock time the first step ended. With `model_only`, each timed step is followed by a step on
     the same views already in memory: the model-only figure, measured alternately with the end-to-end one
     so that both see the same machine (others' load comes and goes).
     """
-    from pretrain.launch import session
+    from runtime.launch import session
 
     sess = session()
     b: Bench = config["bench"]
@@ -407,7 +407,7 @@ def steps_loop(config: dict) -> dict:
 
 def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, model_only: bool = False) -> dict:
     """`steps_loop` in-process (workers=0) or on `workers` Ray Train workers; figures for the whole batch."""
-    from pretrain.launch import run_training
+    from runtime.launch import run_training
 
     cfg = copy.deepcopy(b.cfg)
     b = dataclasses.replace(b, cfg=cfg)
@@ -487,7 +487,7 @@ def run_bench(b: Bench, parts: list[str], log: Callable[[str], None] = print) ->
 
 def _ray_parts(b: Bench, parts: list[str], local: dict | None, tmp: str, log: Callable[[str], None]) -> dict:
     """One Ray cluster for both sections; its start-up counts in the first launch-to-first-step."""
-    from pretrain.launch import init_ray
+    from runtime.launch import init_ray
 
     out: dict[str, Any] = {}
     launched = time.time()
@@ -599,7 +599,7 @@ def table(r: dict) -> str:
             add("scaling", f"2 workers x {s['threads_per_worker_2']} threads", s["workers_2_images_per_s"], "img/s")
             add("scaling", f"speedup on {s['cores']} cores", s["speedup"], "x")
     if "memory" in r:
-        from pretrain.bench_memory import memory_rows
+        from bench.memory import memory_rows
 
         rows += memory_rows(r["memory"])
     w0, w1 = max(len(x[0]) for x in rows) if rows else 0, max(len(x[1]) for x in rows) if rows else 0
@@ -609,7 +609,7 @@ def table(r: dict) -> str:
 
 
 def write_json(r: dict, path: str | os.PathLike) -> Path:
-    from pretrain.config import atomic_write_text
+    from runtime.config import atomic_write_text
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -621,8 +621,8 @@ def write_json(r: dict, path: str | os.PathLike) -> Path:
 
 
 def main(args: Any) -> int:
-    """`selfsup bench`: options from `pretrain.cli.add_bench_args`."""
-    from pretrain.config import load_config
+    """`selfsup bench`: options from `bench.cli.add_bench_args`."""
+    from runtime.config import load_config
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -651,7 +651,7 @@ def main(args: Any) -> int:
         results = _run_parts(args, cfg, others, loader_workers)
         results["meta"]["parts"] = parts
     if memory_sizes:
-        from pretrain.bench_memory import BUDGET, MODEL, bench_memory
+        from bench.memory import BUDGET, MODEL, bench_memory
 
         t0 = time.perf_counter()
         mem_overrides = ([] if args.config else list(BENCH_DEFAULTS) + MODEL) + BUDGET + list(args.overrides)
@@ -681,7 +681,7 @@ def _memory_sizes(args: Any) -> list[int]:
 
 def _run_parts(args: Any, cfg: Any, parts: list[str], loader_workers: list[int]) -> dict:
     """The sections other than memory, on the given or generated shards."""
-    from pretrain.shards import read_manifest
+    from shards.manifest import read_manifest
 
     threads = args.threads or os.cpu_count() or 1
     made = None

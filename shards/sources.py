@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.errors import UserError
+from runtime.errors import UserError
 
 SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.errors import UserError
+from runtime.errors import UserError
 
 SIZES = (10000, 100000)
 CLASSES = 100
@@ -169,7 +169,7 @@ def bench_memory(cfg: Any, sizes: list[int], classes: int = CLASSES, image_size:
                  work_dir: str | None = None, log: Callable[[str], None] = print,
                  stage_timeout: float | None = None) -> dict[str, Any]:
     """bench.json's `memory` section: every stage at every size, and the largest/smallest ratios."""
-    from pretrain.config import save_config
+    from runtime.config import save_config
 
     if len(sizes) < 1 or min(sizes) < 2 * classes:
         raise UserError(f"--memory-sizes must each be at least 2 x --memory-classes ({2 * classes}), got {sizes}")

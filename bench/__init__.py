@@ -1,0 +1,1 @@
+"""`selfsup bench`: the benchmark code beside its README."""
