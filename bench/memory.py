@@ -39,9 +39,9 @@ MB = 2**20
 MODEL = ["model.name=resnet18", "model.timm_kwargs={channels: [16, 32, 64, 128]}", "model.stem=small",
          "model.proj_hidden_dim=128", "model.proj_output_dim=64", "augment.preset=small"]
 # each stage's small budget (the data is what grows; the work per stage stays about the same)
-BUDGET = ["pretrain.epochs=1", "pretrain.max_steps_per_epoch=10", "pretrain.knn_every=0", "pretrain.batch_size=128",
+BUDGET = ["pretrain.epochs=1", "pretrain.max_steps_per_epoch=10", "pretrain.knn_every=0", "pretrain.global_batch_size=128",
           "trainer.num_workers=2", "data.loader_workers=0", "wandb.enabled=false",
-          "finetune.seeds=1", "finetune.fractions=[0.01]", "finetune.epochs=1", "finetune.full_epochs=1",
+          "finetune.num_seeds=1", "finetune.fractions=[0.01]", "finetune.epochs=1", "finetune.full_epochs=1",
           "finetune.semi_epochs=1", "finetune.full_fraction_methods=[linear]"]
 
 

@@ -16,6 +16,9 @@ Sections (choose with --parts; each one measures one thing):
 Every figure is the median of `repeats` timed runs after a warm-up, with torch's thread count fixed and
 written into the output. On a GPU the same code measures there: augmentation on the device, bf16
 autocast and channels_last (as the training loop does).
+
+Over 400 lines on purpose: one job, the measurements, each ours-against-the-usual pair side by side so they
+read together; the options and the entry point are in `bench.cli`, the table and bench.json in `bench.report`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-import json
 import os
 import platform
 import shutil
@@ -541,167 +543,3 @@ def meta(b: Bench, parts: list[str]) -> dict:
         "torch": torch.__version__, "ray": ray.__version__,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-# ------------------------------------------------------------------ report
-
-
-def table(r: dict) -> str:
-    """The human-readable summary of bench.json."""
-    m = r["meta"]
-    lines = [f"selfsup bench: {m['backbone']} {m['timm_kwargs'] or '(timm defaults)'} stem={m['stem']}, "
-             f"{m['image_size']} px x {m['channels']} ch, batch {m['batch']}, {m['precision']}, device "
-             f"{m['device']} ({m['device_name']}), torch threads {m['threads']} of {m['cpu_count']} cores, "
-             f"median of {m['repeats']} after {m['warmup']} warm-up"] if "backbone" in m else []
-    if "memory" in r:
-        mm = r["memory"]
-        lines.append(f"selfsup bench memory: {mm['model']} {mm['timm_kwargs'] or '(timm defaults)'}, "
-                     f"{mm['image_size']} px, {mm['classes']} classes, trainer.num_workers={mm['trainer_num_workers']}, "
-                     f"peak resident memory per process (MiB), ratio = largest / smallest size")
-    rows: list[tuple[str, str, str]] = []
-
-    def add(section: str, what: str, value: float, unit: str) -> None:
-        rows.append((section, what, f"{value:.3g} {unit}" if value < 100 else f"{value:,.0f} {unit}"))
-
-    if "loader" in r:
-        t = r["loader"]["threads"]
-        for key, row in r["loader"].items():
-            if key.startswith("workers_"):
-                w = key.split("_")[1]
-                add("loader", f"ours, {w} workers, {t} main thread", row["ours_images_per_s"], "img/s (2 views)")
-                add("loader", f"reference, {w} workers, {t} main thread", row["reference_images_per_s"],
-                    "img/s (2 views)")
-                add("loader", f"ratio ours/reference, {w} workers", row["ratio"], "x")
-    if "decode" in r:
-        d = r["decode"]
-        add("decode", "ours, 1 thread", d["ours_images_per_s"], "img/s")
-        add("decode", "PIL, 1 thread", d["pil_images_per_s"], "img/s")
-    if "model" in r:
-        add("model", "fwd+bwd+step, in memory", r["model"]["images_per_s"], "img/s (2 views)")
-    if "end_to_end" in r:
-        e = r["end_to_end"]
-        add("end_to_end", "steps with the real loader", e["steps_per_s"], "steps/s")
-        add("end_to_end", "images", e["images_per_s"], "img/s (2 views)")
-        add("end_to_end", "pipeline_efficiency", e["pipeline_efficiency"], "(end-to-end / model)")
-        add("end_to_end", "compute_share", e["compute_share"], "(step time not spent getting views)")
-    if "ray" in r:
-        y = r["ray"]
-        add("ray", "Ray Train, 1 worker", y["ray_images_per_s"], "img/s")
-        add("ray", "in-process (--local)", y["local_images_per_s"], "img/s")
-        add("ray", "launch to first step, Ray (incl. cluster start)", y["ray_launch_to_first_step_s"], "s")
-        add("ray", "launch to first step, --local", y["local_launch_to_first_step_s"], "s")
-    if "scaling" in r:
-        s = r["scaling"]
-        if "skipped" in s:
-            rows.append(("scaling", "skipped", s["skipped"]))
-        else:
-            add("scaling", f"1 worker x {s['threads_per_worker_1']} threads", s["workers_1_images_per_s"], "img/s")
-            add("scaling", f"2 workers x {s['threads_per_worker_2']} threads", s["workers_2_images_per_s"], "img/s")
-            add("scaling", f"speedup on {s['cores']} cores", s["speedup"], "x")
-    if "memory" in r:
-        from bench.memory import memory_rows
-
-        rows += memory_rows(r["memory"])
-    w0, w1 = max(len(x[0]) for x in rows) if rows else 0, max(len(x[1]) for x in rows) if rows else 0
-    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
-    lines.append(f"total {m.get('wall_s', 0):.0f} s")
-    return "\n".join(lines)
-
-
-def write_json(r: dict, path: str | os.PathLike) -> Path:
-    from runtime.config import atomic_write_text
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps(r, indent=2) + "\n")
-    return p
-
-
-# ------------------------------------------------------------------ command line
-
-
-def main(args: Any) -> int:
-    """`selfsup bench`: options from `bench.cli.add_bench_args`."""
-    from runtime.config import load_config
-
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise UserError(f"--parts {args.parts!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; "
-                        f"choose from {','.join(PARTS)}")
-    for name in ("batch", "repeats", "threads", "images", "loader_batches", "decode_images", "loader_threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    try:
-        loader_workers = [int(w) for w in args.loader_workers.split(",") if w.strip()]
-    except ValueError:
-        loader_workers = [-1]
-    if not loader_workers or min(loader_workers) < 0:
-        raise UserError(f"--loader-workers must be a comma list of counts >= 0, got {args.loader_workers!r}")
-    memory_sizes = _memory_sizes(args) if "memory" in parts else []
-    overrides = ([] if args.config else list(BENCH_DEFAULTS)) + list(args.overrides)
-    if args.backbone:
-        overrides.append(f"model.name={args.backbone}")
-    cfg = load_config(args.config, overrides)
-    others = [p for p in parts if p != "memory"]
-    results: dict[str, Any] = {"meta": {"parts": parts, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
-    if others:
-        results = _run_parts(args, cfg, others, loader_workers)
-        results["meta"]["parts"] = parts
-    if memory_sizes:
-        from bench.memory import BUDGET, MODEL, bench_memory
-
-        t0 = time.perf_counter()
-        mem_overrides = ([] if args.config else list(BENCH_DEFAULTS) + MODEL) + BUDGET + list(args.overrides)
-        if args.backbone:
-            mem_overrides.append(f"model.name={args.backbone}")
-        mem_cfg = load_config(args.config, mem_overrides + [f"data.image_size={args.image_size or 32}"])
-        results["memory"] = bench_memory(mem_cfg, memory_sizes, classes=args.memory_classes,
-                                         image_size=args.image_size or 32, work_dir=args.memory_dir,
-                                         log=lambda s: print(s, flush=True))
-        results["meta"]["wall_s"] = results["meta"].get("wall_s", 0) + time.perf_counter() - t0
-    out = write_json(results, args.out)
-    print(table(results))
-    print(f"wrote {out}")
-    return 0
-
-
-def _memory_sizes(args: Any) -> list[int]:
-    try:
-        sizes = sorted({int(s) for s in str(args.memory_sizes).split(",") if s.strip()})
-    except ValueError:
-        sizes = []
-    if not sizes or args.memory_classes < 1 or min(sizes) < 2 * args.memory_classes:
-        raise UserError(f"--memory-sizes must be a comma list of image counts, each at least 2 x --memory-classes "
-                        f"({2 * max(1, args.memory_classes)}), got {args.memory_sizes!r}")
-    return sizes
-
-
-def _run_parts(args: Any, cfg: Any, parts: list[str], loader_workers: list[int]) -> dict:
-    """The sections other than memory, on the given or generated shards."""
-    from shards.manifest import read_manifest
-
-    threads = args.threads or os.cpu_count() or 1
-    made = None
-    if args.shards:
-        shards = args.shards if "://" in args.shards else str(Path(args.shards).resolve())
-        manifest = read_manifest(shards)
-        image_size = args.image_size or int(manifest["image_size"])
-    else:
-        image_size = args.image_size or cfg.data.image_size
-        made = tempfile.mkdtemp(prefix="selfsup-bench-shards-")
-        print(f"writing {args.images} CIFAR-like {image_size} px images as shards in {made} ...", flush=True)
-        shards = make_bench_shards(made, args.images, image_size, seed=cfg.data.seed)
-        manifest = read_manifest(shards)
-    try:
-        b = Bench(cfg=cfg, shards=shards, manifest=manifest, image_size=image_size, batch=args.batch,
-                  repeats=args.repeats, threads=threads, device=pick_device(), loader_workers=loader_workers,
-                  loader_batches=args.loader_batches, decode_images=args.decode_images,
-                  loader_threads=args.loader_threads)
-        results = run_bench(b, parts, log=lambda s: print(s, flush=True))
-    finally:
-        if made:
-            shutil.rmtree(made, ignore_errors=True)
-    return results

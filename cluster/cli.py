@@ -15,7 +15,8 @@ from shards import cli as shard_cli
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p)
+    add_config_args(p, ["selfsup pipeline   # the digits run on this machine, in minutes",
+                        "selfsup pipeline --config configs/cifar10.yaml --force finetune finetune.num_seeds=5"])
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo a stage even if it is done, and the stages after it: shard, pretrain or finetune")
     p.add_argument("--local", action="store_true", help="pretrain in this process, without Ray")
@@ -79,8 +80,19 @@ STAGES = {
 }
 
 
+def package_version() -> str:
+    """The installed package's version (pyproject.toml's), or "unknown" when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("selfsup")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfsup", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"selfsup {package_version()}")
     sub = p.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, (help_, add_args, main_) in STAGES.items():
         sp = sub.add_parser(name, help=help_, description=help_)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from finetune.report import MIN_TEST_SAMPLES_FOR_VERDICT
-from runtime.config import Config, save_config, to_dict
+from runtime.config import Config, rename_deprecated, save_config, to_dict
 from runtime.errors import UserError
 from runtime.runlock import hold, lock_scope
 
@@ -183,7 +183,8 @@ def _changes(saved_path: Path, cfg: Config, keys: tuple[str, ...]) -> str:
     """The dotted keys under `keys` whose value differs between the saved resolved config and `cfg`."""
     try:
         saved = yaml.safe_load(saved_path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        rename_deprecated(saved, str(saved_path), note=False)  # saved by an earlier version: old key names
+    except (OSError, yaml.YAMLError, UserError, AttributeError):
         return ""
     now = to_dict(cfg)
     for tree in (saved, now):  # stages record paths made absolute: compare like with like

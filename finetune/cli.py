@@ -9,7 +9,11 @@ from runtime.runlock import hold, lock_scope
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p)
+    p.description = ((p.description.rstrip(".") + ". ") if p.description else "") + (
+        "Reads the encoder of a pretraining run: encoder=RUN_DIR (default: output_dir, where `pretrain` wrote it).")
+    add_config_args(p, ["selfsup finetune encoder=runs/digits output_dir=runs/digits-ft finetune.num_seeds=3",
+                        "selfsup finetune --config configs/cifar10.yaml encoder=runs/cifar10 "
+                        "finetune.methods=[linear,finetune]"])
 
 
 @lock_scope

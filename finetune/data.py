@@ -17,7 +17,7 @@ import torch
 
 from pretrain.augment import normalize
 from pretrain.knn import stream_features
-from shards.reader import iter_split, load_split, sample_keys
+from shards.splits import iter_split, load_split, sample_keys
 
 BATCH = 256
 

@@ -96,7 +96,7 @@ def summary_sentences(report: dict[str, Any]) -> list[str]:
         b = _row(rows, base, c["label_fraction"])
         a = c["against"][base]
         verdict = ("no gain at all" if a["margin"] <= 0 else
-                   "with too few seeds for a spread (finetune.seeds >= 2 gives one)" if a["beats_by_2std"] is None
+                   "with too few seeds for a spread (finetune.num_seeds >= 2 gives one)" if a["beats_by_2std"] is None
                    else "more than two standard deviations" if a["beats_by_2std"] else
                    f"too few test images ({report.get('test_samples')}) to tell" if c.get("too_few_test_samples")
                    else "not by two standard deviations")

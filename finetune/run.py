@@ -38,7 +38,7 @@ from runtime.errors import UserError
 from runtime.launch import run_tasks, run_training
 from runtime.tracking import init_tracking
 from shards.manifest import read_manifest
-from shards.reader import split_index
+from shards.splits import split_index
 
 ENCODER_METHODS = ("scratch", "knn", "linear", "finetune", "semi")  # scratch borrows only the architecture
 
@@ -48,7 +48,7 @@ def plan(cfg: Config, manifest: dict) -> list[tuple[float, list[str], int]]:
     full-fraction methods (those among `finetune.methods`), to show how close few labels come to all."""
     ft = cfg.finetune
     methods = [m for m in METHODS if m in ft.methods]
-    out = [(f, methods, ft.seeds) for f in fractions_to_run(ft.fractions, manifest) if f < FULL]
+    out = [(f, methods, ft.num_seeds) for f in fractions_to_run(ft.fractions, manifest) if f < FULL]
     full = methods if any(f >= FULL for f in ft.fractions or []) else [m for m in methods if m in ft.full_fraction_methods]
     if full:
         out.append((FULL, full, ft.full_fraction_seeds))
@@ -175,7 +175,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
         common = {"cfg": cfg, "arch": arch, "encoder": (backbone, head), "mean": mean, "std": std, "image_size": size,
                   "test_labels": test_np,
                   "unlabeled_splits": unlabeled_splits(manifest),
-                  "unlabeled_batch": max(1, min(ft.batch_size * ft.unlabeled_ratio, unlabeled_count(manifest)))}
+                  "unlabeled_batch": max(1, min(ft.batch_size * ft.fixmatch_unlabeled_ratio, unlabeled_count(manifest)))}
         name = f"{cfg.name}-finetune"
         if mode == "tasks":  # the costliest subsets first, so the last task to start is a short one
             order = sorted(trained, key=lambda j: -len(j["keys"]) * len(j["methods"]))

@@ -9,7 +9,7 @@
   passes over the pool.
 - `fixmatch` (Sohn et al., 2020): the prediction on a weak view (flip/crop) of an unlabeled image becomes
   the pseudo-label of a strong view (the full SimCLR recipe) of the same image, counted only where its
-  confidence reaches `finetune.threshold`. Streams the unlabeled shards, so it suits pools too large to hold.
+  confidence reaches `finetune.fixmatch_threshold`. Streams the unlabeled shards, so it suits pools too large to hold.
 
 On the digits default (same encoder, same 5 labeled subsets per fraction, measured side by side) `distill`
 reached 85.6 ± 5.3% / 97.2 ± 0.7% at 1% / 10% of the labels against FixMatch's 74.4 ± 7.8% / 95.6 ± 0.7%

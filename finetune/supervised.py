@@ -129,7 +129,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                     stats = fixmatch(model, xl, yl, loader, augs["weak"], augs["strong"], epochs=ft.semi_epochs,
                                      labeled_loader=labeled_loader,
                                      batch_size=ft.batch_size, lr=ft.semi_lr, weight_decay=ft.weight_decay,
-                                     threshold=ft.threshold, seed=seed, rank=rank, world_size=world, device=device)
+                                     threshold=ft.fixmatch_threshold, seed=seed, rank=rank, world_size=world, device=device)
             net = unwrap(model)
             pred = stream_predict(lambda x, net=net: clf.predict_logits(net, x, mean, std, device=device).argmax(1).numpy(),
                                   cfg.data.shards, size)

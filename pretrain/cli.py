@@ -16,7 +16,9 @@ from runtime.runlock import hold, lock_scope
 
 
 def add_pretrain_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p)
+    add_config_args(p, ["selfsup pretrain --local pretrain.epochs=5 trainer.num_workers=0",
+                        "selfsup pretrain --config configs/cifar10.yaml pretrain.global_batch_size=256",
+                        "selfsup pretrain --resume runs/digits pretrain.epochs=40   # continue a run to 40 epochs"])
     p.add_argument("--local", action="store_true", help="run the loop in this process, without Ray")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a finished or stopped run")
 
@@ -61,7 +63,7 @@ def pretrain_main(args: argparse.Namespace) -> int:
     from runtime.launch import check_reachable, run_path, run_training
 
     local = args.local or cfg.trainer.num_workers == 0
-    per_rank_batch(cfg.pretrain.batch_size, 1 if local else cfg.trainer.num_workers, manifest, cfg.data.shards)
+    per_rank_batch(cfg.pretrain.global_batch_size, 1 if local else cfg.trainer.num_workers, manifest, cfg.data.shards)
     latest = ckpt.find_latest(run_path(cfg, cfg.name))
     if latest and not args.resume:
         raise UserError(f"{out} already holds a run (latest checkpoint {latest}): add --resume {out} to "

@@ -14,6 +14,7 @@ driver's disk). Everything the run produces travels in its checkpoints (`trainer
 every node): `metrics.jsonl` and `events.jsonl` in every one, the encoder in the last; rank 0's offline W&B
 files come back in the return value. The driver then writes them into `output_dir` (`publish_outputs`).
 In local mode the loop runs in the driver's process and also writes metrics.jsonl/events.jsonl as it goes.
+Over 400 lines on purpose: the loop, its state and the driver's half of its outputs read in one sitting.
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ from pretrain.model import (
 from pretrain.optim import build_optimizer, lr_at, set_lr
 from runtime import checkpoint as ckpt
 from runtime.errors import UserError
+from runtime.files import atomic_write_text
 from runtime.launch import session
 from runtime.tracking import init_tracking, view_grid
 from shards.manifest import read_manifest
-from shards.reader import ShardLoader, iter_split, sample_keys
+from shards.reader import ShardLoader
+from shards.splits import iter_split, sample_keys
 
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
@@ -114,7 +117,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     # ---- data: train + unlabeled, the same number of batches on every rank (else the all-gather hangs)
     manifest = read_manifest(cfg.data.shards)
-    per_rank = per_rank_batch(p.batch_size, world, manifest, cfg.data.shards)
+    per_rank = per_rank_batch(p.global_batch_size, world, manifest, cfg.data.shards)
     loader = ShardLoader(cfg.data.shards, splits=("train", "unlabeled"), batch_size=per_rank, rank=rank,
                          world_size=world, seed=p.seed, shuffle=True, num_workers=cfg.data.loader_workers,
                          image_size=cfg.data.image_size, equal_batches=True, shuffle_buffer=cfg.data.shuffle_buffer)
@@ -129,7 +132,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
 
     # ---- optimiser and schedule: lr = base_lr * global_batch / 256, linear warmup then cosine, per step
-    optimizer = build_optimizer(cfg.optim, model, p.batch_size)
+    optimizer = build_optimizer(cfg.optim, model, p.global_batch_size)
     peak_lr = optimizer.param_groups[0]["lr"]
     steps_per_epoch = len(loader)  # the same on every rank
     if p.max_steps_per_epoch:
@@ -241,7 +244,7 @@ def report_with_checkpoint(record: dict[str, Any], state: TrainState, model: tor
     """Every rank reports the epoch; rank 0 hands over the checkpoint: weights, optimiser and RNG states, the
     state's meta and records, and after the last epoch the exported encoder."""
     sess, p = session(), cfg.pretrain
-    meta = state.meta(arch, sess.world_size, p.batch_size, p.seed)
+    meta = state.meta(arch, sess.world_size, p.global_batch_size, p.seed)
     with tempfile.TemporaryDirectory(prefix="selfsup-ckpt-") as tmp:
         if sess.rank == 0:
             if state.epoch == p.epochs:
@@ -320,7 +323,7 @@ def train_one_epoch(state: TrainState, epoch: int, *, model: torch.nn.Module, cr
         "step": state.step,
         "loss": loss_sum / loss_n if loss_n else float("nan"),
         "lr": schedule(state.step - 1),
-        "images_per_s": steps * p.batch_size / max(seconds_sum / world, 1e-9),
+        "images_per_s": steps * p.global_batch_size / max(seconds_sum / world, 1e-9),
         "data_wait_s": data_wait / world,
         "epoch_s": seconds_sum / world,
         "skipped_samples": int(skipped),  # corrupt samples skipped this epoch, all ranks
@@ -359,10 +362,10 @@ def per_rank_batch(global_batch: int, world: int, manifest: dict[str, Any], shar
     """Each rank's share of the global batch; refuses batches that do not split or exceed the data."""
     n = sum(int(manifest["splits"].get(s, {}).get("count", 0)) for s in ("train", "unlabeled"))
     if global_batch > n:
-        raise UserError(f"pretrain.batch_size={global_batch} is larger than the {n} training images in {shards}: "
-                        "lower pretrain.batch_size")
+        raise UserError(f"pretrain.global_batch_size={global_batch} is larger than the {n} training images in "
+                        f"{shards}: lower pretrain.global_batch_size")
     if global_batch % world:
-        raise UserError(f"pretrain.batch_size={global_batch} does not split evenly over {world} workers: "
+        raise UserError(f"pretrain.global_batch_size={global_batch} does not split evenly over {world} workers: "
                         f"use a multiple of {world}")
     return global_batch // world
 
@@ -475,20 +478,7 @@ def _write_run_files(out: Path, history: list[dict[str, Any]], events: list[dict
     out.mkdir(parents=True, exist_ok=True)
     for name, records in ((METRICS, history), (EVENTS, events)):
         if records or name == METRICS:
-            _atomic_text(out / name, _jsonl(records))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # a full disk: no temp file left behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+            atomic_write_text(out / name, _jsonl(records))
 
 
 def _finish_tracking(tracker: Any, wandb_dir: Path, out: Path, exit_code: int = 0) -> dict[str, bytes]:
@@ -520,7 +510,7 @@ def publish_outputs(result: dict[str, Any] | None, cfg: Any, local: bool) -> lis
         if not local:
             for name in (METRICS, EVENTS):
                 if (d / name).is_file():
-                    _atomic_text(out / name, (d / name).read_text())
+                    atomic_write_text(out / name, (d / name).read_text())
                     written.append(name)
         enc = d / ENCODER_DIR
         if (result or {}).get("status") != "ok":

@@ -1,25 +1,32 @@
 """Typed configuration: one tree of dataclasses, loaded from YAML, overridden by `key.sub=value`.
 
-The defaults are the embedded digits run, so `selfsup pipeline` with no config works out of the box.
-Every section checks its own values in `check()`; every error is a one-line `UserError` naming the key.
+Each field's meaning is written once, here, as `doc=` beside its default: `--help` of every stage lists
+them (runtime/confighelp.py) and a test keeps configs/*.yaml from restating them. The defaults are the embedded
+digits run, so `selfsup pipeline` with no config works out of the box. Every section checks its own values in
+`check()`; every error is a one-line `UserError` naming the key. Renamed keys keep loading (RENAMED).
+Over 400 lines because it is the one place every key is documented; the generic parts live in runtime/typed.py
+(dataclass from plain data) and runtime/files.py (atomic writes with the umask's mode).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import re
-import tempfile
-import types
-import typing
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from runtime.errors import UserError
+from runtime.files import atomic_write_text as atomic_write_text  # re-exported: callers import it from here
+from runtime.files import current_umask as current_umask
+from runtime.files import umask_mode as umask_mode
+from runtime.typed import build_dataclass
 
 SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder")
 MIN_IMAGE_SIZE = 8  # the smallest image side anything is stored or trained at (shards refuse smaller images)
@@ -28,20 +35,34 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 METHODS = ("pixels", "scratch", "knn", "linear", "finetune", "semi")
 
 
+def _opt(default: Any, doc: str) -> Any:
+    """A config field and its one-line meaning (read by `--help` and by the configs/*.yaml check)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def field_doc(section: type | None, name: str) -> str:
+    """The one-line meaning of `section.name` (`section` None: a top-level key)."""
+    cls = Config if section is None else section
+    return next(f.metadata.get("doc", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
 @dataclass
 class DataConfig:
     """Where the shards are, and how `pipeline` makes them when they are missing."""
 
-    source: Literal["digits", "cifar10", "cifar100", "stl10", "folder"] = "digits"
-    input: str | None = None  # raw data dir for cifar10/cifar100/stl10/folder
-    shards: str = "runs/digits/shards"  # dir or URL holding manifest.json
-    image_size: int = 16  # shorter side written to the shards, and the training crop size
-    shard_size: int = 512  # samples per shard
-    labeled_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
-    test_fraction: float = 0.2  # for sources without a test split
-    seed: int = 0
-    loader_workers: int = 0  # DataLoader processes per training worker (0 = in the training process)
-    shuffle_buffer: int = 1000
+    source: Literal["digits", "cifar10", "cifar100", "stl10", "folder"] = _opt(
+        "digits", "image source `pipeline` shards when the shards are missing")
+    input: str | None = _opt(None, "raw data dir for cifar10/cifar100/stl10/folder")
+    shards: str = _opt("runs/digits/shards", "dir or URL (s3://..., pipe:...) holding manifest.json")
+    image_size: int = _opt(16, "shorter side written to the shards, and the training crop size")
+    shard_size: int = _opt(512, "samples per shard")
+    labeled_fractions: list[float] = _opt([0.01, 0.1], "labeled subsets drawn at shard time, as fractions of train")
+    test_fraction: float = _opt(0.2, "share of each class held out for testing, for sources without a test split")
+    seed: int = _opt(0, "seed of the labeled subsets (subset i of fine-tuning uses seed + i)")
+    loader_workers: int = _opt(0, "DataLoader processes per training worker (0 = in the training process)")
+    shuffle_buffer: int = _opt(1000, "samples shuffled in memory per loader, on top of the per-epoch shard shuffle")
 
     def check(self) -> None:
         if self.image_size < MIN_IMAGE_SIZE:
@@ -60,15 +81,16 @@ class DataConfig:
 class AugmentConfig:
     """SimCLR's two-view recipe. `preset` fills every field left unset (null)."""
 
-    preset: Literal["digits", "small", "imagenet"] = "digits"
-    crop_scale: list[float] | None = None  # RandomResizedCrop area range, e.g. [0.08, 1.0]
-    crop_ratio: list[float] | None = None  # aspect ratio range, e.g. [0.75, 1.333]
-    flip_prob: float | None = None
-    jitter_prob: float | None = None
-    jitter_strength: float | None = None  # s in SimCLR: brightness/contrast/saturation 0.8s, hue 0.2s
-    grayscale_prob: float | None = None
-    blur_prob: float | None = None
-    blur_sigma: list[float] | None = None
+    preset: Literal["digits", "small", "imagenet"] = _opt(
+        "digits", "digits: no flip, no colour; small: no blur (<= 32 px); imagenet: SimCLR's full recipe")
+    crop_scale: list[float] | None = _opt(None, "RandomResizedCrop area range, e.g. [0.08, 1.0]")
+    crop_ratio: list[float] | None = _opt(None, "RandomResizedCrop aspect ratio range, e.g. [0.75, 1.333]")
+    flip_prob: float | None = _opt(None, "horizontal flip probability")
+    jitter_prob: float | None = _opt(None, "colour jitter probability")
+    jitter_strength: float | None = _opt(None, "s in SimCLR: brightness/contrast/saturation 0.8s, hue 0.2s")
+    grayscale_prob: float | None = _opt(None, "grayscale probability")
+    blur_prob: float | None = _opt(None, "Gaussian blur probability")
+    blur_sigma: list[float] | None = _opt(None, "Gaussian blur sigma range, e.g. [0.1, 2.0]")
 
     def check(self) -> None:
         for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob"):
@@ -79,14 +101,17 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"  # any timm model name
-    # passed to timm.create_model; the default is a narrow ResNet-18 that trains fast on a CPU
-    timm_kwargs: dict[str, Any] = field(default_factory=lambda: {"channels": [32, 64, 128, 256]})
-    stem: Literal["default", "small"] = "small"  # small: 3x3 stride-1 first conv, no max-pool
-    proj_hidden_dim: int = 512
-    proj_output_dim: int = 128
-    proj_layers: int = 2
-    sync_batchnorm: bool = False
+    """The encoder (a timm backbone, built with pretrained=False) and SimCLR's projection head."""
+
+    name: str = _opt("resnet18", "any timm model name")
+    timm_kwargs: dict[str, Any] = _opt({"channels": [32, 64, 128, 256]},
+                                       "passed to timm.create_model ({} = the model's own widths)")
+    stem: Literal["default", "small"] = _opt(
+        "small", "small: 3x3 stride-1 first conv, no max-pool (<= 32 px); default: the model's own")
+    proj_hidden_dim: int = _opt(512, "projection head: hidden width")
+    proj_output_dim: int = _opt(128, "projection head: output width (the NT-Xent embedding)")
+    proj_layers: int = _opt(2, "projection head: linear layers")
+    sync_batchnorm: bool = _opt(False, "BatchNorm statistics over the global batch (across workers)")
 
     def check(self) -> None:
         _positive("model.proj_hidden_dim", self.proj_hidden_dim)
@@ -96,11 +121,13 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["lars", "sgd", "adamw"] = "lars"
-    base_lr: float = 0.3  # lr = base_lr * global_batch / 256 (SimCLR's rule)
-    weight_decay: float = 1e-6  # not applied to norms and biases
-    momentum: float = 0.9
-    warmup_epochs: int = 2
+    """Pretraining's optimiser: linear warm-up, then a cosine schedule."""
+
+    name: Literal["lars", "sgd", "adamw"] = _opt("lars", "lars | sgd | adamw")
+    base_lr: float = _opt(0.3, "lr = base_lr * global_batch_size / 256 (SimCLR's rule)")
+    weight_decay: float = _opt(1e-6, "weight decay, not applied to norms and biases")
+    momentum: float = _opt(0.9, "momentum (lars, sgd)")
+    warmup_epochs: int = _opt(2, "epochs of linear learning-rate warm-up")
 
     def check(self) -> None:
         _positive("optim.base_lr", self.base_lr)
@@ -110,27 +137,27 @@ class OptimConfig:
 
 @dataclass
 class PretrainConfig:
-    epochs: int = 20  # digits: kNN plateaus ~0.96 by 15-20 epochs at temperature 0.1
-    batch_size: int = 128  # global: split evenly over the workers (digits: 11 steps/epoch)
-    temperature: float = 0.1  # digits: 0.1 gave tighter classes than 0.5 (linear probe at 15 labels)
-    checkpoint_every: int = 1  # epochs
-    knn_every: int = 5  # epochs; 0 = only at the end
-    knn_k: int = 20
-    knn_bank: int = 10000  # kNN monitor: memory bank = a seeded sample of at most this many labeled train images
-    knn_queries: int = 10000  # kNN monitor: queries = a seeded sample of at most this many test images
-    seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    channels_last: bool | None = None  # None: on GPU only
-    compile: bool = False
-    max_nonfinite: int = 5  # non-finite losses in a row before the run stops
-    # at most this many steps per epoch (0 = no cap: every rank's part of the data once); for quick runs and
-    # benchmarks on large data. Every rank runs the same number of steps either way.
-    max_steps_per_epoch: int = 0
+    """SimCLR pretraining: budget, loss, checkpoints and the kNN monitor."""
+
+    epochs: int = _opt(20, "passes over the train (+ unlabeled) split")
+    global_batch_size: int = _opt(128, "images per step over all workers, split evenly over them")
+    temperature: float = _opt(0.1, "NT-Xent temperature")
+    checkpoint_every: int = _opt(1, "epochs between checkpoints (a lost worker costs at most this)")
+    knn_every: int = _opt(5, "epochs between kNN accuracy checks on the test split; 0 = only at the end")
+    knn_k: int = _opt(20, "kNN monitor: neighbours")
+    knn_bank: int = _opt(10000, "kNN monitor: memory bank = a seeded sample of at most this many train images")
+    knn_queries: int = _opt(10000, "kNN monitor: queries = a seeded sample of at most this many test images")
+    seed: int = _opt(0, "seed of the model's initialisation, shuffles and augmentation")
+    precision: Literal["auto", "bf16", "fp32"] = _opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    channels_last: bool | None = _opt(None, "channels-last memory format; null: on GPU only")
+    compile: bool = _opt(False, "torch.compile the model (faster steps after minutes of compiling)")
+    max_nonfinite: int = _opt(5, "non-finite losses in a row (each step skipped) before the run stops")
+    max_steps_per_epoch: int = _opt(0, "cap on steps per epoch, the same on every rank (0 = all of the data once)")
 
     def check(self) -> None:
         _positive("pretrain.epochs", self.epochs)
         _non_negative("pretrain.max_steps_per_epoch", self.max_steps_per_epoch)
-        _positive("pretrain.batch_size", self.batch_size)
+        _positive("pretrain.global_batch_size", self.global_batch_size)
         _positive("pretrain.temperature", self.temperature)
         _positive("pretrain.checkpoint_every", self.checkpoint_every)
         _non_negative("pretrain.knn_every", self.knn_every)
@@ -144,14 +171,14 @@ class PretrainConfig:
 class TrainerConfig:
     """Ray Train: ScalingConfig, RunConfig, CheckpointConfig, FailureConfig."""
 
-    num_workers: int = 2  # 0 = local mode: the same loop in this process, no Ray
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] = field(default_factory=dict)  # e.g. {CPU: 4, GPU: 1}
-    max_failures: int = 2  # worker-group restarts from the latest checkpoint
-    num_to_keep: int = 2  # checkpoints kept
-    storage_path: str | None = None  # local path or URI (s3://, gs://, file://); default <output_dir>/ray
-    address: str | None = None  # Ray address; None: connect to a running cluster or start a local one
-    torch_threads: int = 0  # intra-op threads per worker; 0 = cores / workers
+    num_workers: int = _opt(2, "Ray Train workers; 0 = local mode: the same loop in this process, no Ray")
+    use_gpu: bool = _opt(False, "one GPU per worker")
+    resources_per_worker: dict[str, float] = _opt({}, "Ray resources per worker, e.g. {CPU: 4, GPU: 1}")
+    max_failures: int = _opt(2, "worker-group restarts from the latest checkpoint")
+    num_to_keep: int = _opt(2, "checkpoints kept")
+    storage_path: str | None = _opt(None, "local path or URI (s3://, gs://, file://); null: <output_dir>/ray")
+    address: str | None = _opt(None, "Ray address; null: a running cluster, else a local one")
+    torch_threads: int = _opt(0, "intra-op threads per worker; 0 = cores / workers")
 
     def check(self) -> None:
         _non_negative("trainer.num_workers", self.num_workers)
@@ -162,49 +189,52 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
-    enabled: bool = True
-    project: str = "selfsup"
-    group: str | None = None  # default: the run's `name`; pretrain and finetune share it
-    mode: Literal["offline", "online", "disabled"] | None = None  # None: $WANDB_MODE, else offline
-    entity: str | None = None
+    """Weights & Biases tracking (offline unless asked)."""
+
+    enabled: bool = _opt(True, "log runs to W&B")
+    project: str = _opt("selfsup", "W&B project")
+    group: str | None = _opt(None, "W&B group; null: the run's `name` (pretrain and finetune share it)")
+    mode: Literal["offline", "online", "disabled"] | None = _opt(
+        None, "null: $WANDB_MODE, else offline; online once you `wandb login`")
+    entity: str | None = _opt(None, "W&B entity (user or team); null: your default")
 
 
 @dataclass
 class FinetuneConfig:
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    fractions: list[float] | None = None  # None: every labeled subset in the manifest
-    full_fraction_methods: list[str] = field(default_factory=lambda: ["pixels", "linear", "scratch"])
-    seeds: int = 5  # labeled subsets per fraction (seed i = the manifest's seed + i)
-    full_fraction_seeds: int = 1  # runs at fraction 1.0 (one subset: all labels; seeds vary only the training)
-    epochs: int = 30  # fine-tune and scratch budget, in passes over the labeled subset (fixed budget)
-    full_epochs: int = 5  # the same budget for fraction 1.0 runs (scratch on all labels)
-    batch_size: int = 64
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    start_from: Literal["head", "backbone"] = "head"  # head: keep the first projection layer (SimCLRv2)
-    # distill: label spreading on the encoder's features as teacher, distilled into the fine-tuned model;
-    # fixmatch: FixMatch from the fine-tuned model (streams the unlabeled shards)
-    semi_method: Literal["distill", "fixmatch"] = "distill"
-    semi_epochs: int = 10  # passes over the unlabeled pool (distill: per round) or stream (fixmatch)
-    semi_lr: float = 0.05
-    distill_rounds: int = 1  # distill: rounds > 1 distil again, blending with the last student's predictions
-    spread_k: int = 10  # distill: neighbours in label spreading's kNN graph
-    spread_alpha: float = 0.8  # distill: label spreading's clamping (0: keep the labels, 1: all from neighbours)
-    # distill: at most this many images of the train split (besides the labeled subset) and as many of the
-    # unlabeled split held in memory: seeded samples drawn by streaming (0: the labeled images, no unlabeled)
-    unlabeled_pool: int = 50000
-    # labeled subsets of at most this many images are held in memory; larger ones are streamed from the shards
-    # (distill's pool then holds a seeded sample of this many of its labels)
-    labeled_in_memory: int = 20000
-    pixels_max_samples: int = 20000  # pixels: fit on a seeded sample of this many labeled images when more
-    threshold: float = 0.9  # FixMatch confidence for pseudo-labels
-    unlabeled_ratio: int = 4  # FixMatch: unlabeled batch = ratio x labeled batch
-    # Where scratch/finetune/semi run. auto: Ray Train DDP over finetune.num_workers when that is >= 2; else,
-    # when trainer.num_workers >= 2, one Ray task per labeled subset, many at once (DDP over trainer.num_workers
-    # instead when the unlabeled splits hold more than 100,000 images); else in this process.
-    parallel: Literal["auto", "local", "tasks", "train"] = "auto"
-    # Ray Train workers for parallel=train (the trainer section's other settings apply); 0: trainer.num_workers
-    num_workers: int = 0
+    """Label-efficient evaluation: methods, labeled subsets, budgets, and the semi-supervised methods."""
+
+    methods: list[str] = _opt(list(METHODS), "methods to run: " + " | ".join(METHODS))
+    fractions: list[float] | None = _opt(None, "labeled fractions to run; null: every subset in the manifest")
+    full_fraction_methods: list[str] = _opt(["pixels", "linear", "scratch"], "methods also run on all labels")
+    num_seeds: int = _opt(5, "labeled subsets per fraction (subset i uses the manifest's seed + i)")
+    full_fraction_seeds: int = _opt(1, "runs at fraction 1.0 (one subset, all labels; seeds vary only training)")
+    epochs: int = _opt(30, "finetune/scratch budget in passes over the labeled subset (fixed, no early stop)")
+    full_epochs: int = _opt(5, "the same budget for fraction 1.0 runs")
+    batch_size: int = _opt(64, "labeled batch (over all workers)")
+    lr: float = _opt(0.05, "learning rate (SGD + nesterov, cosine schedule)")
+    weight_decay: float = _opt(5e-4, "weight decay")
+    start_from: Literal["head", "backbone"] = _opt(
+        "head", "head: keep the first projection layer (SimCLRv2); backbone: the backbone only")
+    semi_method: Literal["distill", "fixmatch"] = _opt(
+        "distill", "distill: label spreading on the encoder's features, distilled into the fine-tuned model; "
+        "fixmatch: FixMatch, streaming the unlabeled shards")
+    semi_epochs: int = _opt(10, "passes over the unlabeled pool (distill: per round) or stream (fixmatch)")
+    semi_lr: float = _opt(0.05, "learning rate of the semi-supervised methods")
+    distill_rounds: int = _opt(1, "distill: rounds; > 1 distils again, blending with the last student")
+    spread_k: int = _opt(10, "distill: neighbours in label spreading's kNN graph")
+    spread_alpha: float = _opt(0.8, "distill: label spreading's clamping (0 keeps the labels, 1 takes all "
+                                     "from neighbours)")
+    unlabeled_pool: int = _opt(50000, "distill: at most this many train and as many unlabeled images in memory "
+                                      "(seeded samples; 0: the labeled images only)")
+    labeled_in_memory: int = _opt(20000, "labeled subsets up to this size are held in memory; larger are streamed")
+    pixels_max_samples: int = _opt(20000, "pixels: fit on a seeded sample of this many labeled images when more")
+    fixmatch_threshold: float = _opt(0.9, "fixmatch: confidence a pseudo-label needs to count")
+    fixmatch_unlabeled_ratio: int = _opt(4, "fixmatch: unlabeled batch = this x the labeled batch (mu)")
+    parallel: Literal["auto", "local", "tasks", "train"] = _opt(
+        "auto", "tasks: a Ray task per labeled subset; train: Ray Train DDP; local: this process; auto: train "
+        "when finetune.num_workers >= 2, else tasks when trainer.num_workers >= 2 (train for > 100,000 unlabeled), "
+        "else local")
+    num_workers: int = _opt(0, "Ray Train workers for parallel=train; 0: trainer.num_workers")
 
     def check(self) -> None:
         for m in self.methods:
@@ -218,7 +248,7 @@ class FinetuneConfig:
         for f in self.fractions or []:
             if not 0 < f <= 1:
                 raise UserError(f"finetune.fractions must each be in (0, 1], got {f}")
-        _positive("finetune.seeds", self.seeds)
+        _positive("finetune.num_seeds", self.num_seeds)
         _positive("finetune.full_fraction_seeds", self.full_fraction_seeds)
         _positive("finetune.epochs", self.epochs)
         _positive("finetune.full_epochs", self.full_epochs)
@@ -227,7 +257,7 @@ class FinetuneConfig:
         _positive("finetune.semi_lr", self.semi_lr)
         _non_negative("finetune.weight_decay", self.weight_decay)
         _non_negative("finetune.semi_epochs", self.semi_epochs)
-        _positive("finetune.unlabeled_ratio", self.unlabeled_ratio)
+        _positive("finetune.fixmatch_unlabeled_ratio", self.fixmatch_unlabeled_ratio)
         _positive("finetune.distill_rounds", self.distill_rounds)
         _positive("finetune.spread_k", self.spread_k)
         if not 0 < self.spread_alpha < 1:
@@ -236,24 +266,26 @@ class FinetuneConfig:
         _positive("finetune.labeled_in_memory", self.labeled_in_memory)
         _positive("finetune.pixels_max_samples", self.pixels_max_samples)
         _non_negative("finetune.num_workers", self.num_workers)
-        if not 0 < self.threshold <= 1:
-            raise UserError(f"finetune.threshold must be in (0, 1], got {self.threshold}")
+        if not 0 < self.fixmatch_threshold <= 1:
+            raise UserError(f"finetune.fixmatch_threshold must be in (0, 1], got {self.fixmatch_threshold}")
 
 
 @dataclass
 class FaultConfig:
     """Test aid, off by default: rank `kill_rank` exits hard at global step `at_step` (first attempt only)."""
 
-    kill_rank: int = -1
-    at_step: int = -1
-    nan_at_step: int = -1  # make the loss non-finite from this step on (tests the non-finite guard)
+    kill_rank: int = _opt(-1, "the rank that exits hard (-1: none)")
+    at_step: int = _opt(-1, "the global step it exits at (-1: never)")
+    nan_at_step: int = _opt(-1, "make the loss non-finite from this step on (tests the non-finite guard)")
 
 
 @dataclass
 class Config:
-    name: str = "digits"  # run name: W&B group and Ray run name; a plain name (NAME_PATTERN), it becomes a dir
-    output_dir: str = "runs/digits"
-    encoder: str | None = None  # finetune: the pretrain run dir; default output_dir
+    """The whole run: top-level keys, then one section per part."""
+
+    name: str = _opt("digits", "run name: W&B group and Ray run name; a plain name (it becomes a directory)")
+    output_dir: str = _opt("runs/digits", "encoder, metrics, report and checkpoints go here")
+    encoder: str | None = _opt(None, "finetune: the pretraining run dir to read (encoder=RUN_DIR); null: output_dir")
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -282,6 +314,44 @@ class Config:
         return self.encoder or self.output_dir
 
 
+# ---------------------------------------------------------------- renamed keys
+
+# old dotted key -> new one. The old names keep loading (YAML, overrides, configs saved by earlier runs) with a
+# one-line note on stderr; giving both in one file or one command line is refused.
+RENAMED = {
+    "pretrain.batch_size": "pretrain.global_batch_size",
+    "finetune.seeds": "finetune.num_seeds",
+    "finetune.threshold": "finetune.fixmatch_threshold",
+    "finetune.unlabeled_ratio": "finetune.fixmatch_unlabeled_ratio",
+}
+
+
+def rename_deprecated(raw: dict[str, Any], where: str, note: bool = True) -> dict[str, Any]:
+    """Move every old key of `raw` (a config as plain data) to its new name, in place; returns `raw`."""
+    for old, new in RENAMED.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        node = raw.get(section)
+        if not isinstance(node, dict) or old_key not in node:
+            continue
+        if new_key in node:
+            raise UserError(f"{where} sets both {old} and {new}: keep only {new} ({old} is its old name)")
+        if note:
+            print(f"note: config key {old} is deprecated, use {new} (in {where})", file=sys.stderr, flush=True)
+        node[new_key] = node.pop(old_key)
+    return raw
+
+
+def _rename_override(key: str, seen: dict[str, str]) -> str:
+    """The current name of an override's key (a note when it is an old one); both names given: refused."""
+    new = RENAMED.get(key, key)
+    if seen.setdefault(new, key) != key:
+        raise UserError(f"the overrides set both {seen[new]} and {key}: keep only {new}")
+    if new != key:
+        print(f"note: config key {key} is deprecated, use {new} (in the overrides)", file=sys.stderr, flush=True)
+    return new
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -305,10 +375,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise UserError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise UserError(f"config file {p} must hold a mapping at the top level")
+        rename_deprecated(raw, str(p))
+    seen: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(raw, key, value)
-    cfg = _build(Config, raw, "")
+        _set_dotted(raw, _rename_override(key, seen), value)
+    rename_deprecated(raw, "the overrides")  # a whole section given as one override
+    cfg = build_dataclass(Config, raw, "")
     _check_finite(to_dict(cfg), "")
     cfg.check()
     return cfg
@@ -375,41 +448,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     return p
 
 
-def current_umask() -> int:
-    """This process's umask, read without changing it where the OS allows (Linux: /proc)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def umask_mode(directory: bool = False) -> int:
-    """The mode a plain open() or mkdir() would give: 0o666 (files) or 0o777 (dirs) less the umask.
-    `mkstemp`/`mkdtemp` use 0o600/0o700 whatever the umask; what they create and is kept gets this mode."""
-    return (0o777 if directory else 0o666) & ~current_umask()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        os.fchmod(fd, umask_mode())  # the user's umask, like any other file they write (not mkstemp's 0600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
@@ -421,70 +459,6 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
             raise UserError(f"override {key}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the config"
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise UserError(f"unknown config key {prefix}{key} (valid keys in {where}: {', '.join(names)})")
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key + ".")
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if origin is Literal:
-        if value not in args:
-            raise UserError(f"config key {key} must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [v for v in str(value).split(",") if v != ""] if isinstance(value, str) else [value]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key {key} must be a list, got {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"config key {key} must be a mapping, got {value!r}")
-        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"config key {key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UserError(f"config key {key} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"config key {key} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"config key {key} must be a string, got {value!r}")
-    raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 
 def _positive(key: str, value: float) -> None:

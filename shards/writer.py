@@ -4,6 +4,9 @@ Shards are planned in the parent (keys numbered per split in source order, then 
 random order across classes) and written by a process pool, one task per shard, each to a temporary name
 renamed into place, so the output is the same for any `workers`. A DIR without a complete manifest is a
 crashed run: our own files in it are removed and redone.
+
+Over 400 lines on purpose: one job, turning a source into a complete shard directory (checks, plan, pool of
+writers, encoding, manifest), each part small and only used here; reading the shards back is `shards.reader`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from datafiles import write_cifar10, write_image_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.timm_kwargs={channels: [8, 16, 32, 64]}", "model.stem=default", "model.proj_hidden_dim=64",
-        "model.proj_output_dim=32", "pretrain.batch_size=64", "optim.warmup_epochs=1", "wandb.enabled=false",
+        "model.proj_output_dim=32", "pretrain.global_batch_size=64", "optim.warmup_epochs=1", "wandb.enabled=false",
         "trainer.torch_threads=1", "pretrain.knn_every=0"]
 
 
@@ -215,7 +215,7 @@ def test_the_lock_of_a_killed_run_is_stale(big_cifar, tmp_path):
 def test_two_pipelines_on_one_output_dir(tmp_path):
     run = tmp_path / "run"
     argv = ["pipeline", "--local", f"output_dir={run}", f"data.shards={run}/shards", *TINY, "pretrain.epochs=2",
-            "finetune.methods=[pixels,linear]", "finetune.full_fraction_methods=[]", "finetune.seeds=1",
+            "finetune.methods=[pixels,linear]", "finetune.full_fraction_methods=[]", "finetune.num_seeds=1",
             "data.labeled_fractions=[0.1]"]
     first = subprocess.Popen([sys.executable, "-m", "cluster", *argv], cwd=ROOT, env=_env(), text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -508,7 +508,7 @@ def test_an_empty_test_split_made_earlier_says_what_to_do(tmp_path):
     from shardkit import make_shards
 
     from runtime.errors import UserError
-    from shards.reader import load_split
+    from shards.splits import load_split
 
     make_shards(tmp_path / "s", {"train": 8, "test": 0}, num_classes=8)
     with pytest.raises(UserError, match="holds no images .* at least 2 images per class"):

@@ -125,7 +125,7 @@ def test_memory_part_runs_every_stage_at_two_sizes(tmp_path, capsys):
     rc = main(["bench", "--parts", "memory", "--memory-sizes", "300,600", "--memory-classes", "10",
                "--image-size", "16", "--out", str(out), "trainer.num_workers=0", "trainer.torch_threads=1",
                "model.timm_kwargs={channels: [8, 8, 16, 16]}", "model.proj_hidden_dim=32", "model.proj_output_dim=16",
-               "pretrain.max_steps_per_epoch=2", "pretrain.batch_size=32",
+               "pretrain.max_steps_per_epoch=2", "pretrain.global_batch_size=32",
                "finetune.methods=[pixels, knn, linear, finetune]"])
     assert rc == 0
     r = json.loads(out.read_text())

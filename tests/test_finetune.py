@@ -26,7 +26,7 @@ from finetune.subsets import check_disjoint, labeled_subset
 from pretrain.model import build_model, encoder_meta, save_encoder
 from runtime.config import METHODS, Config, load_config
 from runtime.errors import UserError
-from shards.reader import load_split
+from shards.splits import load_split
 from shards.writer import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def run(data):
     out = data["root"] / "out"
     torch.set_num_threads(1)
     rc = selfsup(["finetune", f"output_dir={out}", f"encoder={data['encoder']}", f"data.shards={data['shards']}",
-                  "finetune.seeds=2", "finetune.epochs=2", "finetune.full_epochs=1", "finetune.semi_epochs=1",
+                  "finetune.num_seeds=2", "finetune.epochs=2", "finetune.full_epochs=1", "finetune.semi_epochs=1",
                   "finetune.full_fraction_methods=[linear,scratch]", "trainer.torch_threads=1"])
     assert rc == 0
     return out
@@ -221,7 +221,7 @@ def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method):
     out = tmp_path / "ddp"
     rc = selfsup(["finetune", f"output_dir={out}", f"encoder={data['encoder']}", f"data.shards={data['shards']}",
                   "finetune.parallel=train", "finetune.methods=[scratch,finetune,semi]", "finetune.fractions=[0.1]",
-                  f"finetune.semi_method={semi_method}", "finetune.seeds=1", "finetune.epochs=1",
+                  f"finetune.semi_method={semi_method}", "finetune.num_seeds=1", "finetune.epochs=1",
                   "finetune.semi_epochs=1", "finetune.full_fraction_methods=[]", "trainer.torch_threads=1",
                   "wandb.enabled=false"])
     assert rc == 0
@@ -336,7 +336,7 @@ def test_the_shipped_classifier_does_not_depend_on_the_test_labels(data, tmp_pat
     """The classifier under classifiers/ is fixed before any test accuracy exists: relabel the test split so
     that the model shipped first scores 0% (every other candidate scores more), and the same model is shipped,
     with model.json saying how it was chosen. Old code kept the candidate most accurate on the test split."""
-    args = ["finetune.methods=[finetune,semi]", "finetune.fractions=[0.1]", "finetune.seeds=2", "finetune.epochs=1",
+    args = ["finetune.methods=[finetune,semi]", "finetune.fractions=[0.1]", "finetune.num_seeds=2", "finetune.epochs=1",
             "finetune.semi_epochs=1", "finetune.full_fraction_methods=[]", "trainer.num_workers=0",
             "trainer.torch_threads=1", "wandb.enabled=false", f"encoder={data['encoder']}"]
     a, b = tmp_path / "a", tmp_path / "b"

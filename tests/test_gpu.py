@@ -121,7 +121,7 @@ def test_gathered_ntxent_over_nccl_matches_one_process(tmp_path):
 def gpu_run(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu") / "run"
     _ok(_cli(["pretrain", "--config", "configs/digits.yaml", f"output_dir={out}", f"data.shards={shards}",
-              "pretrain.epochs=1", "pretrain.batch_size=128", "pretrain.knn_every=1", "trainer.use_gpu=true",
+              "pretrain.epochs=1", "pretrain.global_batch_size=128", "pretrain.knn_every=1", "trainer.use_gpu=true",
               f"trainer.num_workers={WORLD}", *TINY]))
     return out
 
@@ -151,7 +151,7 @@ def test_a_local_run_on_every_gpu_resumes_on_one(shards, tmp_path):
     """The checkpoint holds one CUDA RNG state per visible GPU; a resume that sees fewer must not raise."""
     out = tmp_path / "all"
     _ok(_cli(["pretrain", "--local", "--config", "configs/digits.yaml", f"output_dir={out}", f"data.shards={shards}",
-              "pretrain.epochs=1", "pretrain.batch_size=128", "pretrain.knn_every=0", *TINY]))
+              "pretrain.epochs=1", "pretrain.global_batch_size=128", "pretrain.knn_every=0", *TINY]))
     _ok(_cli(["pretrain", "--local", "--resume", str(out), "pretrain.epochs=2"], env={"CUDA_VISIBLE_DEVICES": "0"}))
     assert json.loads((out / "encoder.json").read_text())["epochs"] == 2
 
@@ -170,7 +170,7 @@ def test_every_finetune_method_on_the_gpu_then_predict(gpu_run, shards, tmp_path
                "train": f"finetune.num_workers={WORLD}"}[mode]
     _ok(_cli(["finetune", "--config", "configs/digits.yaml", f"output_dir={out}", f"encoder={gpu_run}",
               f"data.shards={shards}", "finetune.methods=[pixels,scratch,knn,linear,finetune,semi]",
-              "finetune.fractions=[0.1]", f"finetune.semi_method={semi_method}", "finetune.seeds=2",
+              "finetune.fractions=[0.1]", f"finetune.semi_method={semi_method}", "finetune.num_seeds=2",
               "finetune.epochs=2", "finetune.semi_epochs=1", "finetune.full_fraction_methods=[]",
               "trainer.use_gpu=true", workers, f"finetune.parallel={mode}"]))
     report = json.loads((out / "report.json").read_text())
@@ -186,7 +186,7 @@ def test_every_finetune_method_on_the_gpu_then_predict(gpu_run, shards, tmp_path
 
     from PIL import Image
 
-    from shards.reader import load_split
+    from shards.splits import load_split
 
     x, _, keys = load_split(str(shards), "test")
     with open(model / "predictions.csv") as f:

@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 from shardkit import encode, write_manifest
 
-from shards.reader import ShardLoader, load_split
+from shards.reader import ShardLoader
+from shards.splits import load_split
 from shards.writer import write_shards
 
 torch.set_num_threads(1)

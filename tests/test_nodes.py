@@ -130,9 +130,9 @@ def driver(two_nodes):
 
 def test_pipeline_on_two_nodes_writes_only_into_the_drivers_output_dir(two_nodes, driver):
     driver["run"](["pipeline", "--config", str(ROOT / "configs" / "digits.yaml"), "output_dir=out", "data.shards=shards",
-                   "data.labeled_fractions=[0.1]", "pretrain.epochs=1", "pretrain.batch_size=128",
+                   "data.labeled_fractions=[0.1]", "pretrain.epochs=1", "pretrain.global_batch_size=128",
                    "pretrain.knn_every=1", "model.timm_kwargs={channels: [8, 16, 32, 64]}", "model.proj_hidden_dim=64",
-                   "model.proj_output_dim=32", "finetune.seeds=1", "finetune.methods=[pixels,linear,finetune,semi]",
+                   "model.proj_output_dim=32", "finetune.num_seeds=1", "finetune.methods=[pixels,linear,finetune,semi]",
                    "finetune.full_fraction_methods=[pixels]"])
     drivers, isolated, out_seen_by_nodes, shared = (driver[k] for k in ("drivers", "isolated", "out_seen_by_nodes",
                                                                        "shared"))
@@ -166,7 +166,7 @@ def test_finetune_under_ray_train_ddp_on_the_second_node(two_nodes, driver):
         pytest.skip("needs the encoder of test_pipeline_on_two_nodes_writes_only_into_the_drivers_output_dir")
     driver["run"](["finetune", "--config", str(ROOT / "configs" / "digits.yaml"), "output_dir=out/ddp", "encoder=out",
                    "data.shards=shards", "finetune.parallel=train", "finetune.methods=[finetune,semi]",
-                   "finetune.fractions=[0.1]", "finetune.seeds=1", "finetune.full_fraction_methods=[]",
+                   "finetune.fractions=[0.1]", "finetune.num_seeds=1", "finetune.full_fraction_methods=[]",
                    "wandb.enabled=false"])
     ddp = driver["drivers"] / "ddp"
     report = json.loads((ddp / "report.json").read_text())

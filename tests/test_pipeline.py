@@ -15,9 +15,9 @@ def tiny(tmp: Path) -> list[str]:
     """The digits pipeline on a tiny budget, in local mode (no Ray: that path is tested in test_submit)."""
     return ["pipeline", "--local", "--config", "configs/digits.yaml", f"output_dir={tmp / 'run'}",
             f"data.shards={tmp / 'shards'}", "data.labeled_fractions=[0.1]", "pretrain.epochs=2",
-            "pretrain.batch_size=128", "pretrain.knn_every=0", "model.timm_kwargs={channels: [8, 16, 32, 64]}",
+            "pretrain.global_batch_size=128", "pretrain.knn_every=0", "model.timm_kwargs={channels: [8, 16, 32, 64]}",
             "model.proj_hidden_dim=64", "model.proj_output_dim=32", "trainer.torch_threads=1",
-            "finetune.seeds=2", "finetune.methods=[pixels,scratch,linear]",
+            "finetune.num_seeds=2", "finetune.methods=[pixels,scratch,linear]",
             "finetune.full_fraction_methods=[pixels]", "finetune.epochs=2"]
 
 
@@ -121,3 +121,23 @@ def test_force_pretrain_moves_checkpoints_aside(tmp_path, uri):
     else:
         moved = old / "checkpoints"
     assert (moved / "checkpoint_epoch_000001" / "state.json").is_file()
+
+
+def test_a_run_saved_with_old_key_names_is_not_stale(tmp_path):
+    """Configs saved before the renames (pretrain.batch_size, finetune.seeds, ...) compare equal to the same
+    settings under the new names; a real change is still reported, under its new name."""
+    import yaml
+
+    from cluster.pipeline import FINETUNE_KEYS, PRETRAIN_KEYS, _changes
+    from runtime.config import RENAMED, load_config, save_config
+
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    saved = yaml.safe_load(save_config(cfg, tmp_path / "config.yaml").read_text())
+    for old, new in RENAMED.items():  # write it as an earlier version did
+        section, old_key, new_key = old.split(".")[0], old.split(".")[1], new.split(".")[1]
+        saved[section][old_key] = saved[section].pop(new_key)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert _changes(tmp_path / "config.yaml", cfg, PRETRAIN_KEYS) == ""
+    assert _changes(tmp_path / "config.yaml", cfg, FINETUNE_KEYS) == ""
+    cfg.finetune.num_seeds = 2
+    assert _changes(tmp_path / "config.yaml", cfg, FINETUNE_KEYS) == "finetune.num_seeds 5 -> 2"

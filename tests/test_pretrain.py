@@ -35,7 +35,7 @@ TINY = [
     "model.stem=default",
     "model.proj_hidden_dim=64",
     "model.proj_output_dim=32",
-    "pretrain.batch_size=64",
+    "pretrain.global_batch_size=64",
     "optim.warmup_epochs=1",
     "wandb.enabled=false",
     "trainer.torch_threads=1",
@@ -189,8 +189,8 @@ def test_bad_input_is_one_line(shards, tmp_path, capsys):
     a_file.write_text("keep")
     cases = [
         ([f"output_dir={a_file}"], "is a file"),
-        (["pretrain.batch_size=5000"], "larger than the 1437 training images"),
-        (["pretrain.batch_size=63", "trainer.num_workers=2"], "does not split evenly over 2 workers"),
+        (["pretrain.global_batch_size=5000"], "larger than the 1437 training images"),
+        (["pretrain.global_batch_size=63", "trainer.num_workers=2"], "does not split evenly over 2 workers"),
         (["trainer.address=127.0.0.1:1"], "cannot reach Ray at 127.0.0.1:1"),
     ]
     for extra, message in cases:

@@ -14,7 +14,8 @@ from PIL import Image
 from shardkit import encode, image_for, keys_of, make_shards, write_manifest, write_raw_tar
 
 from runtime.errors import UserError
-from shards.reader import ShardLoader, load_split
+from shards.reader import ShardLoader
+from shards.splits import load_split
 
 torch.set_num_threads(1)
 

@@ -19,7 +19,7 @@ from finetune.data import pool_images
 from pretrain.loop import _knn_data, knn_monitor
 from pretrain.model import build_backbone
 from runtime.config import load_config
-from shards.reader import iter_split, sample_keys, sample_split, split_index
+from shards.splits import iter_split, sample_keys, sample_split, split_index
 from tests.datafiles import write_image_folder
 from tests.shardkit import make_shards
 
@@ -160,10 +160,10 @@ def test_every_stage_runs_at_the_trained_size_and_the_pixel_fit_is_a_reported_sa
             f"data.shards={tmp_path / 'shards'}", f"data.input={raw}", "data.image_size=20", "data.shard_size=8",
             "data.labeled_fractions=[0.5]", "data.loader_workers=0", "augment.preset=small",
             "model.name=resnet18", "model.stem=small", "model.timm_kwargs={channels: [8, 16, 32, 64]}",
-            "model.proj_hidden_dim=32", "model.proj_output_dim=16", "pretrain.epochs=1", "pretrain.batch_size=16",
+            "model.proj_hidden_dim=32", "model.proj_output_dim=16", "pretrain.epochs=1", "pretrain.global_batch_size=16",
             "pretrain.knn_bank=10", "pretrain.knn_queries=7", "trainer.torch_threads=1", "wandb.enabled=false",
             "trainer.use_gpu=false", "model.sync_batchnorm=false", "pretrain.precision=fp32",
-            "finetune.seeds=1", "finetune.epochs=1", "finetune.semi_epochs=1", "finetune.batch_size=8",
+            "finetune.num_seeds=1", "finetune.epochs=1", "finetune.semi_epochs=1", "finetune.batch_size=8",
             "finetune.methods=[pixels,scratch,knn,linear,finetune,semi]", "finetune.full_fraction_methods=[pixels,scratch]",
             # 20 labels at 0.5 and 40 at 1.0: above the bound, so every trained method streams its labeled images
             "finetune.labeled_in_memory=15", f"finetune.semi_method={semi}",

@@ -120,10 +120,10 @@ def _pipeline_args(tmp: Path, workers: int = 1, storage_uri: bool = False) -> li
     methods = "[pixels,linear,knn]" if storage_uri else "[pixels,scratch,linear]"
     return ["pipeline", "--config", "configs/digits.yaml", f"output_dir={tmp / 'run'}",
             f"data.shards={tmp / 'shards'}", "data.labeled_fractions=[0.1]", "pretrain.epochs=1",
-            "pretrain.batch_size=128", "pretrain.knn_every=0", "model.timm_kwargs={channels: [8, 16, 32, 64]}",
+            "pretrain.global_batch_size=128", "pretrain.knn_every=0", "model.timm_kwargs={channels: [8, 16, 32, 64]}",
             "model.proj_hidden_dim=64", "model.proj_output_dim=32", f"trainer.num_workers={workers}",
             "trainer.torch_threads=1", f"trainer.storage_path={storage}",
-            "finetune.seeds=1", f"finetune.methods={methods}",
+            "finetune.num_seeds=1", f"finetune.methods={methods}",
             "finetune.full_fraction_methods=[pixels]", "finetune.epochs=2"]
 
 

@@ -139,7 +139,7 @@ def test_a_pretrain_run_writes_and_prints_no_api_key(tmp_path):
     env = {**os.environ, "WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "offline", "WANDB_SILENT": "false"}
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain", "--local", f"output_dir={out}", f"data.shards={tmp_path / 'shards'}",
-         "data.image_size=8", "pretrain.epochs=1", "pretrain.batch_size=16", "trainer.torch_threads=1",
+         "data.image_size=8", "pretrain.epochs=1", "pretrain.global_batch_size=16", "trainer.torch_threads=1",
          "model.timm_kwargs={channels: [8, 8, 16, 16]}", "model.proj_hidden_dim=16", "model.proj_output_dim=8"],
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
     )

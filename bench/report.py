@@ -1,0 +1,78 @@
+"""`selfsup bench`'s outputs: the human-readable table and bench.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def table(r: dict) -> str:
+    """The human-readable summary of bench.json."""
+    m = r["meta"]
+    lines = [f"selfsup bench: {m['backbone']} {m['timm_kwargs'] or '(timm defaults)'} stem={m['stem']}, "
+             f"{m['image_size']} px x {m['channels']} ch, batch {m['batch']}, {m['precision']}, device "
+             f"{m['device']} ({m['device_name']}), torch threads {m['threads']} of {m['cpu_count']} cores, "
+             f"median of {m['repeats']} after {m['warmup']} warm-up"] if "backbone" in m else []
+    if "memory" in r:
+        mm = r["memory"]
+        lines.append(f"selfsup bench memory: {mm['model']} {mm['timm_kwargs'] or '(timm defaults)'}, "
+                     f"{mm['image_size']} px, {mm['classes']} classes, trainer.num_workers={mm['trainer_num_workers']}, "
+                     f"peak resident memory per process (MiB), ratio = largest / smallest size")
+    rows: list[tuple[str, str, str]] = []
+
+    def add(section: str, what: str, value: float, unit: str) -> None:
+        rows.append((section, what, f"{value:.3g} {unit}" if value < 100 else f"{value:,.0f} {unit}"))
+
+    if "loader" in r:
+        t = r["loader"]["threads"]
+        for key, row in r["loader"].items():
+            if key.startswith("workers_"):
+                w = key.split("_")[1]
+                add("loader", f"ours, {w} workers, {t} main thread", row["ours_images_per_s"], "img/s (2 views)")
+                add("loader", f"reference, {w} workers, {t} main thread", row["reference_images_per_s"],
+                    "img/s (2 views)")
+                add("loader", f"ratio ours/reference, {w} workers", row["ratio"], "x")
+    if "decode" in r:
+        d = r["decode"]
+        add("decode", "ours, 1 thread", d["ours_images_per_s"], "img/s")
+        add("decode", "PIL, 1 thread", d["pil_images_per_s"], "img/s")
+    if "model" in r:
+        add("model", "fwd+bwd+step, in memory", r["model"]["images_per_s"], "img/s (2 views)")
+    if "end_to_end" in r:
+        e = r["end_to_end"]
+        add("end_to_end", "steps with the real loader", e["steps_per_s"], "steps/s")
+        add("end_to_end", "images", e["images_per_s"], "img/s (2 views)")
+        add("end_to_end", "pipeline_efficiency", e["pipeline_efficiency"], "(end-to-end / model)")
+        add("end_to_end", "compute_share", e["compute_share"], "(step time not spent getting views)")
+    if "ray" in r:
+        y = r["ray"]
+        add("ray", "Ray Train, 1 worker", y["ray_images_per_s"], "img/s")
+        add("ray", "in-process (--local)", y["local_images_per_s"], "img/s")
+        add("ray", "launch to first step, Ray (incl. cluster start)", y["ray_launch_to_first_step_s"], "s")
+        add("ray", "launch to first step, --local", y["local_launch_to_first_step_s"], "s")
+    if "scaling" in r:
+        s = r["scaling"]
+        if "skipped" in s:
+            rows.append(("scaling", "skipped", s["skipped"]))
+        else:
+            add("scaling", f"1 worker x {s['threads_per_worker_1']} threads", s["workers_1_images_per_s"], "img/s")
+            add("scaling", f"2 workers x {s['threads_per_worker_2']} threads", s["workers_2_images_per_s"], "img/s")
+            add("scaling", f"speedup on {s['cores']} cores", s["speedup"], "x")
+    if "memory" in r:
+        from bench.memory import memory_rows
+
+        rows += memory_rows(r["memory"])
+    w0, w1 = max(len(x[0]) for x in rows) if rows else 0, max(len(x[1]) for x in rows) if rows else 0
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    lines.append(f"total {m.get('wall_s', 0):.0f} s")
+    return "\n".join(lines)
+
+
+def write_json(r: dict, path: str | os.PathLike) -> Path:
+    from runtime.config import atomic_write_text
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps(r, indent=2) + "\n")
+    return p
