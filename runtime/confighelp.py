@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import textwrap
 from typing import Any
 
 from runtime.config import RENAMED, Config
+
+WIDTH = 110  # long meanings wrap, indented under their key
 
 
 def _shown(value: Any) -> str:
@@ -44,9 +47,10 @@ def config_help(examples: list[str]) -> str:
         if section != current:
             current = section
             lines.append(f"{section}: {(getattr(Config(), section).__doc__ or '').strip()}")
-        lines.append(f"  {key} = {default}" + (f"  -- {doc}" if doc else ""))
-    lines.append("renamed keys (the old names still load, with a note): "
-                 + ", ".join(f"{old} -> {new}" for old, new in RENAMED.items()))
+        lines += textwrap.wrap(f"{key} = {default}" + (f"  -- {doc}" if doc else ""), WIDTH,
+                               initial_indent="  ", subsequent_indent="      ", break_long_words=False)
+    lines.append("renamed keys (the old names still load, with a one-line note):")
+    lines += [f"  {old} -> {new}" for old, new in RENAMED.items()]
     lines.append("examples:")
     lines += [f"  {e}" for e in examples]
     return "\n".join(lines)
