@@ -84,6 +84,7 @@ def bench_main(args: argparse.Namespace) -> int:
                                          image_size=args.image_size or 32, work_dir=args.memory_dir,
                                          log=lambda s: print(s, flush=True))
         results["meta"]["wall_s"] = results["meta"].get("wall_s", 0) + time.perf_counter() - t0
+    results["meta"]["load_average"] = [round(x, 2) for x in os.getloadavg()]  # 1, 5, 15 min: how busy it was
     out = write_json(results, args.out)
     print(table(results))
     print(f"wrote {out}")

@@ -144,3 +144,21 @@ def test_memory_part_runs_every_stage_at_two_sizes(tmp_path, capsys):
         assert isinstance(m["within_target"][stage], bool)
     printed = capsys.readouterr().out
     assert "memory pretrain" in printed and "ratio" in printed
+
+
+def test_bench_figures_fill_the_readme_block_from_bench_json(tmp_path):
+    """bench/README.md's figures come from a bench.json by `python -m bench.figures`, never typed by hand."""
+    from bench import figures
+
+    r = {"meta": {"started": "2026-11-25T18:00:00Z", "cpu_count": 2, "load_average": [0.5, 0.4, 0.3]},
+         "decode": {"ours_images_per_s": 1234.0, "pil_images_per_s": 567.0}}
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(r))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- figures:decode -->\nold figures\n<!-- /figures:decode -->\nrest\n")
+    assert figures.main([str(src), "--section", "decode", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old figures" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "1,234 img/s" in text and "567 img/s" in text and "2 cores" in text and "[0.5, 0.4, 0.3]" in text
+    with pytest.raises(SystemExit):
+        figures.main([str(src), "--section", "memory", "--readme", str(readme)])
