@@ -167,6 +167,8 @@ class WandbConfig:
     group: str | None = None  # default: the run's `name`; pretrain and finetune share it
     mode: Literal["offline", "online", "disabled"] | None = None  # None: $WANDB_MODE, else offline
     entity: str | None = None
+    # online runs record console output and system metrics; offline runs do too only when this is true
+    capture_offline: bool = False
 
 
 @dataclass
