@@ -97,13 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_, add_args, main_) in STAGES.items():
         sp = sub.add_parser(name, help=help_, description=help_)
         add_args(sp)
+        if name in VERBOSE_STAGES:
+            sp.add_argument("--verbose", action="store_true",
+                            help="also show Ray's own console lines (per-report, checkpoint, internal warnings); "
+                                 "same as SELFSUP_VERBOSE=1")
         sp.set_defaults(func=main_)
     return p
+
+
+VERBOSE_STAGES = ("pretrain", "finetune", "pipeline")
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        from runtime.console import set_verbose
+
+        set_verbose(True)
     return run_cli(lambda: args.func(args))
 
 

@@ -299,6 +299,8 @@ def summarize(cfg: Config) -> dict[str, Any]:
         "skipped_samples": _skipped(cfg),
         "test_samples": report.get("test_samples"),
     }
+    if report.get("embedding"):
+        summary["embedding"] = str(out / report["embedding"])
     return summary
 
 
@@ -349,6 +351,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"== pipeline done in {s.get('wall_s', 0):.0f} s ({stages}) ==",
         f"report:  {s['report']}  ({s['report_json']})",
         f"plot:    {s['plot']}",
+        *([f"embedding: {s['embedding']}"] if s.get("embedding") else []),
         f"encoder: {s['encoder']}",
         f"W&B group: {s['wandb_group']}",
     ]

@@ -60,20 +60,35 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a classifier dir (<output_dir>/classifiers/<method>-<fraction>) or a fine-tuning "
                    "output_dir (then its classifier trained on the most labels)")
     p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=1, metavar="K",
+                   help="print the K most probable classes of each image, most probable first (default 1)")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON array for scripts: [{"image", "predictions": [{"class", "probability"}]} '
+                        'or {"image", "error"}]')
 
 
 def predict_main(args: argparse.Namespace) -> int:
+    import json
     import sys
 
-    from finetune.predict import predict_files
-    from runtime.errors import one_line
+    from finetune.predict import predict_top_k
+    from runtime.errors import UserError, one_line
 
-    failed = []
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: give 1 or more")
+    failed = {}
 
     def report(path: str, error: Exception) -> None:  # one line per unreadable image; the others go on
-        failed.append(path)
+        failed[path] = one_line(error)
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
 
-    for path, name in predict_files(args.model, args.images, on_error=report):
-        print(f"{path}\t{name}", flush=True)
+    results = predict_top_k(args.model, args.images, args.top_k, on_error=report)
+    if args.json:
+        found = dict(results)
+        out = [{"image": p, "predictions": [{"class": c, "probability": round(v, 6)} for c, v in found[p]]}
+               if p in found else {"image": p, "error": failed.get(p, "not predicted")} for p in args.images]
+        print(json.dumps(out, indent=2), flush=True)
+    else:  # PATH<TAB>CLASS<TAB>PROBABILITY, then the next most probable class and probability with --top-k
+        for path, top in results:
+            print("\t".join([path, *(f"{c}\t{v:.3f}" for c, v in top)]), flush=True)
     return 2 if failed else 0

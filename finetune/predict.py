@@ -75,12 +75,26 @@ def resolve_model_dir(model_dir: str | Path) -> Path:
     return max(found)[1]
 
 
+def available_classifiers(directory: str | Path) -> list[str]:
+    """Names of the complete classifiers (a model.json) directly under `directory`, or under its
+    `classifiers/` when it is a fine-tuning output_dir; [] when there are none or it cannot be read."""
+    d = Path(directory)
+    if (d / "classifiers").is_dir():
+        d = d / "classifiers"
+    try:
+        return sorted(c.name for c in d.iterdir() if (c / META).is_file())
+    except OSError:
+        return []
+
+
 def load_classifier(model_dir: str | Path):
     """-> (model in eval mode, meta). Weights come from safetensors only, loaded strictly."""
     d = resolve_model_dir(model_dir)
     if not d.is_dir():
-        raise UserError(f"classifier not found at {d}: pass a directory under <output_dir>/classifiers/ "
-                        "written by `selfsup finetune`")
+        there = available_classifiers(d.parent)
+        hint = (f"the classifiers in {d.parent} are {', '.join(there)}" if there else
+                "pass a directory under <output_dir>/classifiers/ written by `selfsup finetune`")
+        raise UserError(f"classifier not found at {d}: {hint}")
     if not (d / META).is_file():
         raise UserError(f"{d / META} is missing: {d} is not a classifier written by `selfsup finetune`")
     try:
@@ -131,6 +145,13 @@ def predict_files(model_dir: str | Path, images: list[str], on_error=None) -> li
 
     An unreadable image raises its one-line UserError, or, with `on_error(path, error)`, is reported through
     it and left out while the others are predicted."""
+    return [(p, top[0][0]) for p, top in predict_top_k(model_dir, images, 1, on_error)]
+
+
+def predict_top_k(model_dir: str | Path, images: list[str], k: int = 1,
+                  on_error=None) -> list[tuple[str, list[tuple[str, float]]]]:
+    """[(path, [(class name, probability), ...])]: the `k` most probable classes of each image, most probable
+    first (softmax of the classifier's logits). Errors as `predict_files`."""
     model, meta = load_classifier(model_dir)
     pre = meta["preprocessing"]
     loaded = []
@@ -144,5 +165,7 @@ def predict_files(model_dir: str | Path, images: list[str], on_error=None) -> li
     if not loaded:
         return []
     batch = torch.stack([x for _, x in loaded])
-    pred = predict_logits(model, batch, pre["mean"], pre["std"]).argmax(1).tolist()
-    return [(p, meta["classes"][i]) for (p, _), i in zip(loaded, pred)]
+    prob = predict_logits(model, batch, pre["mean"], pre["std"]).float().softmax(1)
+    top = prob.topk(max(1, min(int(k), prob.shape[1])), dim=1)
+    return [(p, [(meta["classes"][i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())])
+            for (p, _), vals, idx in zip(loaded, top.values, top.indices)]

@@ -222,3 +222,67 @@ def _finite(x: Any) -> Any:
     if isinstance(x, list):
         return [_finite(v) for v in x]
     return x
+
+
+# ------------------------------------------------------------------ README's table (python -m finetune.report)
+
+README_NOTES = {"pixels": "(logistic regression on pixels)", "scratch": "(same network, random init)",
+                "knn": "(frozen encoder)", "linear": "(frozen encoder)"}
+
+
+def readme_table(report: dict[str, Any]) -> str:
+    """The README's label-efficiency table from a report.json: accuracy in %, mean ± std over seeds (the mean
+    alone for one seed), the best method of each compared fraction (`comparisons`) in bold."""
+    rows = report["results"]
+    fractions = sorted({r["label_fraction"] for r in rows})
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    labels = {f: max(r["labels"] for r in rows if r["label_fraction"] == f) for f in fractions}
+    best = {c["label_fraction"]: c["best"] for c in report.get("comparisons", [])}
+    lines = ["| method | " + " | ".join(f"{f * 100:g} % ({labels[f]:,} labels)" for f in fractions) + " |",
+             "|---" * (len(fractions) + 1) + "|"]
+    for m in methods:
+        note = README_NOTES.get(m, f"(`{report['semi_method']}`)" if m == "semi" and report.get("semi_method") else "")
+        cells = []
+        for f in fractions:
+            r = _row(rows, m, f)
+            if r is None or r["accuracy_mean"] is None:
+                cells.append("")
+                continue
+            text = f"{r['accuracy_mean'] * 100:.1f}"
+            if r["seeds"] > 1 and r["accuracy_std"] is not None:
+                text += f" ± {r['accuracy_std'] * 100:.1f}"
+            cells.append(f"**{text}**" if best.get(f) == m else text)
+        lines.append(f"| `{m}`{' ' + note if note else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m finetune.report RUN_DIR [--markdown]`: print README's table from RUN_DIR/report.json."""
+    import argparse
+    import sys
+
+    from runtime.errors import UserError, run_cli
+
+    p = argparse.ArgumentParser(prog="python -m finetune.report", description=main.__doc__)
+    p.add_argument("run_dir", help="a fine-tuning output_dir (holding report.json) or a report.json")
+    p.add_argument("--markdown", action="store_true", help="the README's Markdown table (the default and only form)")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        path = Path(args.run_dir)
+        path = path / "report.json" if path.is_dir() else path
+        try:
+            report = json.loads(path.read_text())
+            table = readme_table(report)
+        except FileNotFoundError:
+            raise UserError(f"{path} not found: run `selfsup finetune` (or the pipeline) first") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not a readable report.json ({type(e).__name__}: {e})") from None
+        sys.stdout.write(table)
+        return 0
+
+    return run_cli(go)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

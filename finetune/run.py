@@ -26,6 +26,8 @@ import torch
 
 from finetune import classifier as clf
 from finetune.data import encode_keys, labeled_images, sample_of, stream_predict, test_index
+from finetune.embedding import FILE as EMBEDDING_FILE
+from finetune.embedding import write_embedding
 from finetune.linear import knn_method_predict, linear_predict
 from finetune.pixels import pixels_fit, pixels_predict_with
 from finetune.predict import save_classifier
@@ -34,6 +36,7 @@ from finetune.subsets import FULL, check_disjoint, fractions_to_run, labeled_sub
 from finetune.supervised import SELECTION, TRAINED, supervised_loop
 from pretrain.model import check_compatible, load_encoder
 from runtime.config import METHODS, Config, save_config
+from runtime.console import Progress
 from runtime.errors import UserError
 from runtime.launch import run_tasks, run_training
 from runtime.tracking import init_tracking
@@ -111,6 +114,11 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     test_keys, test_np = test_index(cfg.data.shards, size)
     arch = clf.architecture(meta, len(classes), ft.start_from) if meta else None
     tracker = init_tracking(cfg, "finetune", out_dir)
+    # lineage: the encoder artifact pretraining logged is this run's input
+    if meta and all((Path(cfg.encoder_dir) / f).is_file() for f in ENCODER_FILES):
+        enc_dir = Path(cfg.encoder_dir).resolve()
+        tracker.use_artifact(f"{encoder_run_name(enc_dir, cfg.name)}-encoder", "model",
+                             [enc_dir / f for f in ENCODER_FILES])
 
     # ---- the labeled subsets: train keys only, checked against the test keys
     subsets = []
@@ -121,6 +129,8 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
             subsets.append({"fraction": fraction, "seed_index": s, "seed": subset_seed(manifest, s), "keys": keys,
                             "methods": methods})
     n_labels = {j["fraction"]: len(j["keys"]) for j in subsets}
+    # one display for the stage: runs done / total with time left, and a line as each run finishes
+    progress = Progress("finetune", sum(len(j["methods"]) for j in subsets), unit="runs")
 
     # ---- cheap methods, here: pixels, and knn/linear on features encoded once (streamed) for every subset
     results: list[dict[str, Any]] = []
@@ -155,7 +165,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
                     pred = linear_predict(feats[idx], yl, test_feats, job["seed"])
             results.append({"method": method, "fraction": job["fraction"], "seed_index": job["seed_index"],
                             "accuracy": float((pred == test_np).mean()), "seconds": time.perf_counter() - t})
-            _echo(results[-1], len(job["keys"]))
+            _echo(results[-1], len(job["keys"]), progress)
 
     # ---- trained methods: in this process, one Ray task per subset, or Ray Train DDP (see execution_mode)
     trained = [{**j, "methods": [m for m in j["methods"] if m in TRAINED]} for j in subsets]
@@ -175,14 +185,29 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
         common = {"cfg": cfg, "arch": arch, "encoder": (backbone, head), "mean": mean, "std": std, "image_size": size,
                   "test_labels": test_np,
                   "unlabeled_splits": unlabeled_splits(manifest),
-                  "unlabeled_batch": max(1, min(ft.batch_size * ft.fixmatch_unlabeled_ratio, unlabeled_count(manifest)))}
+                  "unlabeled_batch": max(1, min(ft.batch_size * ft.fixmatch_unlabeled_ratio, unlabeled_count(manifest))),
+                  "report_runs": True}
         name = f"{cfg.name}-finetune"
-        if mode == "tasks":  # the costliest subsets first, so the last task to start is a short one
-            order = sorted(trained, key=lambda j: -len(j["keys"]) * len(j["methods"]))
-            outs = run_tasks(supervised_loop, [{**common, "jobs": [j]} for j in order], run_cfg, name)
-        else:
-            outs = [run_training(supervised_loop, {**common, "jobs": trained}, run_cfg, local=mode == "local",
-                                 name=name)]
+
+        def on_report(m: dict[str, Any]) -> None:  # local / train: each run as rank 0 reports it
+            if isinstance(m.get("run"), dict):
+                _echo(m["run"], int(m.get("labels", 0)), progress)
+
+        try:
+            if mode == "tasks":  # the costliest subsets first, so the last task to start is a short one
+                order = sorted(trained, key=lambda j: -len(j["keys"]) * len(j["methods"]))
+
+                def on_done(i: int, out: dict[str, Any]) -> None:  # a task's runs, as the task finishes
+                    for r in out["results"]:
+                        _echo(r, len(order[i]["keys"]), progress)
+
+                outs = run_tasks(supervised_loop, [{**common, "jobs": [j]} for j in order], run_cfg, name,
+                                 on_done=on_done)
+            else:
+                outs = [run_training(supervised_loop, {**common, "jobs": trained}, run_cfg, local=mode == "local",
+                                     name=name, on_report=on_report)]
+        finally:
+            progress.close()
         for out in outs:
             results += out["results"]
             best.update(out["best"])  # at most one per fraction: the fixed rule's (finetune.supervised.SELECTION)
@@ -209,6 +234,9 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
                             selection=SELECTION,
                             accuracy=b["accuracy"], test_keys=test_keys, test_labels=test_np, test_pred=b["pred"])
         saved[f"{fraction:g}"] = str(d)
+        tracker.log_artifact(f"{cfg.name}-classifier-{d.name}", "model", sorted(p for p in d.iterdir() if p.is_file()),
+                             metadata={"method": b["method"], "label_fraction": fraction, "seed_index": b["seed_index"],
+                                       "accuracy": b["accuracy"], "selection": SELECTION})
     mask = [r["mask_rate"] for r in results if "mask_rate" in r]
     weight = [r["model_weight"] for r in results if "model_weight" in r]
     report = build_report(
@@ -217,6 +245,11 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
         start_from=ft.start_from, test_samples=len(test_keys), classes=classes, classifiers=saved,
         encoder_knn_acc=(meta or {}).get("knn_acc"), encode_s=round(encode_s, 2), shards=str(cfg.data.shards),
         num_workers=workers, execution=mode, image_size=size, pixels_max_samples=ft.pixels_max_samples)
+    embedding = None
+    if backbone is not None:  # a picture of what the encoder learned, beside the report (report.json says so)
+        embedding = write_embedding(backbone, cfg.data.shards, test_keys, classes, size, mean, std,
+                                    int(manifest.get("seed", cfg.data.seed)), out_dir / EMBEDDING_FILE)
+        report["embedding"] = EMBEDDING_FILE
     paths = write_report(report, out_dir)
     cols, table = table_rows(report)
     tracker.log_table("label_efficiency_table", cols, table)
@@ -224,11 +257,41 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
 
     with Image.open(paths["png"]) as im:
         tracker.log_images("label_efficiency", np.asarray(im.convert("RGB")))
-    tracker.summary({f"{c['best']}/acc@{c['label_fraction']:g}": c["accuracy_mean"] for c in report["comparisons"]})
+    if embedding is not None:
+        tracker.log_images("embedding", embedding["pixels"],
+                           caption=f"encoder features of {embedding['points']} test images, PCA, coloured by class")
+    tracker.save_file(paths["md"])
+    tracker.summary(summary_values(report))
     tracker.finish()
     return report
 
 
-def _echo(r: dict[str, Any], labels: int) -> None:
-    print(f"{r['method']:>8}  fraction {r['fraction']:<5g} seed {r['seed_index']}  labels {labels:>5}  "
-          f"acc {r['accuracy']:.4f}  ({r['seconds']:.1f}s)", flush=True)
+ENCODER_FILES = ("encoder.safetensors", "head.safetensors", "encoder.json")
+
+
+def encoder_run_name(enc_dir: Path, default: str) -> str:
+    """The pretraining run's `name` (its encoder artifact is `<name>-encoder`), from the config it saved."""
+    try:
+        import yaml
+
+        name = (yaml.safe_load((enc_dir / "config.yaml").read_text()) or {}).get("name")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        name = None
+    return name if isinstance(name, str) and name else default
+
+
+def summary_values(report: dict[str, Any]) -> dict[str, float]:
+    """The W&B summary: for every method and label fraction the mean over seeds and its std, as report.json
+    has them (`<method>/acc@<fraction>`, `<method>/acc@<fraction>_std`), not the last seed's value."""
+    out: dict[str, float] = {}
+    for r in report["results"]:
+        key = f"{r['method']}/acc@{r['label_fraction']:g}"
+        out[key], out[f"{key}_std"] = r["accuracy_mean"], r["accuracy_std"]
+    return out
+
+
+def _echo(r: dict[str, Any], labels: int, progress: Progress) -> None:
+    """A finished run: its line, then the display moves on by one."""
+    progress.message(f"{r['method']:>8}  fraction {r['fraction']:<5g} seed {r['seed_index']}  labels {labels:>5}  "
+                     f"acc {r['accuracy']:.4f}  ({r['seconds']:.1f}s)")
+    progress.update()

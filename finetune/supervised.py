@@ -141,7 +141,9 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
             if method == "semi":
                 row.update({k: round(stats[k], 4) for k in ("mask_rate", "model_weight") if k in stats})
             results.append(row)
-            if rank == 0:
+            if config.get("report_runs"):  # the driver's display follows the runs (every rank reports)
+                sess.report({"run": {k: v for k, v in row.items() if k != "pred"}, "labels": n_labels})
+            elif rank == 0:
                 print(f"{method:>8}  fraction {fraction:<5g} seed {job['seed_index']}  labels {n_labels:>5}  "
                       f"acc {acc:.4f}  ({seconds:.1f}s)", flush=True)
             if job["seed_index"] == SHIP_SEED_INDEX and method == shipped_method(job["methods"]):

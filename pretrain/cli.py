@@ -82,9 +82,19 @@ def pretrain_main(args: argparse.Namespace) -> int:
         check_reachable(address)  # before anything is written: a typo in the address changes no file
     save_config(cfg, out / "config.yaml")
 
+    from runtime.console import Progress, epoch_fields
+
+    # one display for the stage, on the driver, following the epochs the workers report
+    progress = Progress("pretrain", cfg.pretrain.epochs, unit="epochs",
+                        start=int(ckpt.read_meta(latest)["epoch"]) if args.resume and latest else 0)
+
+    def on_report(metrics: dict) -> None:
+        if isinstance(metrics.get("epoch"), int):
+            progress.update(metrics["epoch"], epoch_fields(metrics))
+
     try:
         result = run_training(train_loop, {"cfg": cfg}, cfg, local=local, name=cfg.name,
-                              resume_from=latest if args.resume else None)
+                              resume_from=latest if args.resume else None, on_report=on_report)
     except UserError:
         with contextlib.suppress(Exception):  # what the checkpointed epochs recorded, even when the run failed
             publish_outputs(None, cfg, local)
@@ -94,6 +104,8 @@ def pretrain_main(args: argparse.Namespace) -> int:
             raise
         need = _dir_size(latest) if latest and "://" not in str(latest) else None
         raise UserError(disk_full_message(run_path(cfg, cfg.name), need, "for one checkpoint")) from None
+    finally:
+        progress.close()
     # rank 0 may have run on another node: its outputs reach output_dir here, through the checkpoint
     publish_outputs(result, cfg, local)
     if not result or result.get("status") != "ok":

@@ -197,6 +197,8 @@ class WandbConfig:
     mode: Literal["offline", "online", "disabled"] | None = _opt(
         None, "null: $WANDB_MODE, else offline; online once you `wandb login`")
     entity: str | None = _opt(None, "W&B entity (user or team); null: your default")
+    capture_offline: bool = _opt(
+        False, "offline runs record console output and system metrics too (online runs always do)")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from runtime import checkpoint as ckpt
+from runtime import console
 from runtime.config import umask_mode
 from runtime.errors import UserError, one_line
 
@@ -40,9 +41,11 @@ class LocalSession:
     world_size = 1
     distributed = False
 
-    def __init__(self, run_path: str, num_to_keep: int | None):
+    def __init__(self, run_path: str, num_to_keep: int | None,
+                 on_report: Callable[[dict[str, Any]], None] | None = None):
         self.run_path = run_path
         self.num_to_keep = num_to_keep
+        self.on_report = on_report  # the driver's progress display follows the reports
         self._latest: str | None = None
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -51,8 +54,12 @@ class LocalSession:
         return self._latest
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
-        if checkpoint_dir is None:
-            return
+        if checkpoint_dir is not None:
+            self._persist(checkpoint_dir, dir_name)
+        if self.on_report is not None:
+            self.on_report(dict(metrics))
+
+    def _persist(self, checkpoint_dir: str, dir_name: str | None) -> None:
         final = Path(self.run_path) / (dir_name or Path(checkpoint_dir).name)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=_mkdir(self.run_path)))
         os.chmod(tmp, umask_mode(directory=True))  # it becomes the checkpoint dir: not mkdtemp's 0700
@@ -77,13 +84,15 @@ class LocalSession:
     def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
         from tqdm.auto import tqdm
 
+        if self.on_report is not None and not console.verbose():
+            return iterable  # the stage's one display (epochs) is on; a step bar would fight it for the line
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # None: off without a tty
 
     def barrier(self) -> None:
         pass
 
     def log(self, message: str) -> None:
-        print(message, flush=True)
+        console.emit(message)
 
 
 class RaySession:
@@ -100,6 +109,7 @@ class RaySession:
         self.local_rank = ctx.get_local_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        console.quiet_ray_worker()
 
     def get_checkpoint(self) -> str | None:
         import ray.train
@@ -164,11 +174,13 @@ def run_path(cfg: Any, name: str) -> str:
 
 
 def run_training(loop_fn: Callable[[dict], Any], loop_config: dict[str, Any], cfg: Any, local: bool,
-                 name: str, resume_from: str | None = None) -> Any:
+                 name: str, resume_from: str | None = None,
+                 on_report: Callable[[dict[str, Any]], None] | None = None) -> Any:
     """Run `loop_fn(loop_config)` locally or on Ray Train workers; return rank 0's return value.
 
     `loop_config` gains `run_path` (this run's checkpoint storage) and `resume_from` (a checkpoint
-    to start from when Ray has none of its own, e.g. `--resume`).
+    to start from when Ray has none of its own, e.g. `--resume`). `on_report(metrics)` is called on the
+    driver with rank 0's metrics after each `report` (under Ray: from a Train callback, through a queue).
     """
     global _LOCAL
     config = {**loop_config, "run_path": run_path(cfg, name), "resume_from": resume_from}
@@ -179,17 +191,18 @@ def run_training(loop_fn: Callable[[dict], Any], loop_config: dict[str, Any], cf
             raise UserError(f"local mode writes checkpoints to a local path, got trainer.storage_path="
                             f"{cfg.trainer.storage_path}: use a directory, or run under Ray")
         torch.set_num_threads(cfg.trainer.torch_threads or os.cpu_count() or 1)
-        _LOCAL = LocalSession(config["run_path"], cfg.trainer.num_to_keep)
+        _LOCAL = LocalSession(config["run_path"], cfg.trainer.num_to_keep, on_report)
         try:
             return loop_fn(config)
         finally:
             _LOCAL = None
-    return _run_ray(loop_fn, config, cfg, name)
+    return _run_ray(loop_fn, config, cfg, name, on_report)
 
 
-def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]], cfg: Any, name: str) -> list[Any]:
+def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]], cfg: Any, name: str,
+              on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
     """Run `loop_fn(c)` for every config in `loop_configs` as its own Ray task, many at once; return their
-    results in order. Each task is the local mode (rank 0 of 1) on `trainer.resources_per_worker` (default one
+    results in order; `on_done(i, result)` is called as each one finishes. Each task is the local mode (rank 0 of 1) on `trainer.resources_per_worker` (default one
     CPU, plus one GPU with `trainer.use_gpu`) and as many torch threads as CPUs, so Ray runs as many tasks at
     once as the cluster has room for. For many small independent runs (labeled subsets) this beats spreading
     each run over DDP workers: no gradient traffic, no idle ranks. Task failures are retried by Ray."""
@@ -206,7 +219,7 @@ def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]]
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus, resources=custom or None, max_retries=t.max_failures)(_task)
         refs = [remote.remote(loop_fn, c, task_cfg, f"{name}-{i}") for i, c in enumerate(loop_configs)]
         try:
-            return ray.get(refs)
+            return _gather(refs, on_done)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
             if isinstance(cause, UserError):
@@ -218,6 +231,23 @@ def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]]
     finally:
         if started:
             ray.shutdown()
+
+
+def _gather(refs: list[Any], on_done: Callable[[int, Any], None] | None) -> list[Any]:
+    """ray.get(refs), calling on_done(i, result) in the order the tasks finish."""
+    import ray
+
+    if on_done is None:
+        return ray.get(refs)
+    index = {r: i for i, r in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for r in ready:
+            results[index[r]] = ray.get(r)  # raises the task's error, as ray.get(refs) would
+            on_done(index[r], results[index[r]])
+    return results
 
 
 def worker_resources(trainer: Any) -> tuple[float, float]:
@@ -238,14 +268,70 @@ def _task(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, name
     return run_training(loop_fn, config, cfg, local=True, name=name)
 
 
-def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, name: str) -> Any:
+class _Follow:
+    """Ray Train reports, followed on the driver: a Train callback (on the controller) puts rank 0's metrics
+    on a Ray queue, a thread here hands them to `on_report`."""
+
+    def __init__(self, on_report: Callable[[dict[str, Any]], None]):
+        import threading
+
+        from ray.util.queue import Queue
+
+        self.on_report = on_report
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._pump, daemon=True, name="selfsup-follow")
+
+    def callback(self) -> Any:
+        from ray.train import UserCallback
+
+        queue = self.queue
+
+        class _ToDriver(UserCallback):
+            def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+                if metrics:
+                    queue.put_nowait(dict(metrics[0]))
+
+        return _ToDriver()
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                m = self.queue.get(timeout=0.5)
+            except Empty:
+                if self.stop.is_set():
+                    return
+                continue
+            except Exception:  # the queue's actor is gone (shutdown): nothing more to follow
+                return
+            try:
+                self.on_report(m)
+            except Exception:  # a display problem never stops training
+                pass
+
+    def __enter__(self) -> _Follow:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, name: str,
+             on_report: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    import contextlib
+
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.trainer
     started = init_ray(cfg)
     try:
+        follow = _Follow(on_report) if on_report is not None else None
         trainer = TorchTrainer(
             loop_fn,
             train_loop_config=config,
@@ -257,10 +343,13 @@ def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, n
                 storage_path=storage_path(cfg),
                 checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
                 failure_config=FailureConfig(max_failures=t.max_failures),
+                logging_config=LoggingConfig(log_level=console.ray_train_log_level()),
+                callbacks=[follow.callback()] if follow else None,
             ),
         )
         try:
-            result = trainer.fit()
+            with follow or contextlib.nullcontext():
+                result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise UserError(f"training failed after {t.max_failures} restart(s): {_root_cause(e)}") from None
         return result.return_value
@@ -303,7 +392,7 @@ def init_ray(cfg: Any) -> bool:
     if address:
         check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, **_ray_logging())
         except Exception as e:  # ConnectionError, RuntimeError, AuthenticationError, ...
             raise UserError(f"cannot connect to Ray at {address}: {one_line(e)[:200]}; "
                             "check trainer.address / RAY_ADDRESS, or unset it to start a local cluster") from None
@@ -321,6 +410,9 @@ def init_ray(cfg: Any) -> bool:
     # Ray resolves 127.0.0.1 to the machine's outward address unless it is in single-machine mode; this
     # switch (read by every Ray process it starts) keeps the GCS, raylet and dashboard on the loopback.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # one private machine has no nodes to drain: Train's PreemptionWatcher actor would only log a core-worker
+    # error about its restartable constructor arguments (read by the Train controller, which Train passes it to)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -334,10 +426,21 @@ def init_ray(cfg: Any) -> bool:
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
                  include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=free_port(), _node_ip_address="127.0.0.1",
-                 log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
+                 log_to_driver=True, **_ray_logging(), runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     return True
+
+
+def _ray_logging() -> dict[str, Any]:
+    """ray.init's logging: the driver's `ray` logger and the job's workers and actors at INFO with --verbose /
+    SELFSUP_VERBOSE=1, else warnings and errors only from the driver and errors only from Ray's actors."""
+    import logging
+
+    import ray
+
+    return {"logging_level": logging.INFO if console.verbose() else logging.WARNING,
+            "logging_config": ray.LoggingConfig(encoding="TEXT", log_level=console.ray_job_log_level())}
 
 
 def free_port() -> int:

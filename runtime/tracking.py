@@ -7,10 +7,12 @@ user asks. The API key is never part of the config: wandb reads WANDB_API_KEY (o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -43,6 +45,12 @@ class Tracker:
                      metadata: dict[str, Any] | None = None) -> None:
         pass
 
+    def use_artifact(self, name: str, type: str, files: Iterable[str | os.PathLike]) -> None:
+        pass
+
+    def save_file(self, path: str | os.PathLike) -> None:
+        pass
+
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
@@ -71,14 +79,38 @@ class WandbTracker(Tracker):
 
         self._run.log({name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
 
-    def log_artifact(self, name, type, files, metadata=None):
+    def _artifact(self, name, type, files, metadata=None):
         import wandb
 
         # artifact names allow only letters, digits, '-', '_' and '.'
         artifact = wandb.Artifact(re.sub(r"[^\w.-]", "-", name), type=type, metadata=metadata or {})
         for f in files:
             artifact.add_file(str(f))
-        self._run.log_artifact(artifact)
+        return artifact
+
+    def log_artifact(self, name, type, files, metadata=None):
+        with artifact_dirs(self.run_dir):
+            self._run.log_artifact(self._artifact(name, type, files, metadata))
+
+    def use_artifact(self, name, type, files):
+        # the same name, type and files as the run that logged it: W&B matches it to that version by digest
+        # (works offline too, and links the stages once both runs are synced)
+        with artifact_dirs(self.run_dir):
+            artifact = self._artifact(name, type, files)
+            if not self._run.settings._offline:
+                self._run.use_artifact(artifact)
+                return
+            # offline, wandb refuses use_artifact; what it does online with a draft artifact is to log it marked
+            # "use after commit", which an offline run records and `wandb sync` replays as this run's input
+            log = getattr(self._run, "_log_artifact", None)
+            if log is not None:
+                log(artifact, aliases=[], is_user_created=True, use_after_commit=True)
+
+    def save_file(self, path):
+        # a copy in the run's files/ (wandb.save would leave a symlink out of the run directory)
+        dest = Path(self._run.dir) / Path(path).name
+        shutil.copyfile(path, dest)
+        self._run.save(str(dest), base_path=str(dest.parent), policy="now")
 
     def summary(self, values):
         self._run.summary.update(dict(values))
@@ -87,6 +119,28 @@ class WandbTracker(Tracker):
         if self._run is not None:
             self._run.finish(exit_code=exit_code)
             self._run = None
+
+
+@contextlib.contextmanager
+def artifact_dirs(run_dir: Path | None):
+    """wandb stages an artifact's files under `$WANDB_DATA_DIR/artifacts/staging` and caches them under
+    `$WANDB_CACHE_DIR`, both in the user's home by default; an offline run syncs them from there. Point both
+    inside this run's own directory (`<output_dir>/wandb/offline-run-.../artifacts-data`, `.../artifacts-cache`)
+    while the artifact is made, so the run directory carries its artifacts' files wherever it is copied."""
+    if run_dir is None:
+        yield
+        return
+    wanted = {"WANDB_DATA_DIR": str(run_dir / "artifacts-data"), "WANDB_CACHE_DIR": str(run_dir / "artifacts-cache")}
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def resolve_mode(cfg_mode: str | None) -> str:
@@ -120,6 +174,8 @@ def init_tracking(cfg, stage: str, output_dir: str | os.PathLike, rank: int | No
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    if stage == "finetune" and config.get("encoder") is None and hasattr(cfg, "encoder_dir"):
+        config["encoder"] = str(Path(cfg.encoder_dir).resolve())  # the default (output_dir), spelled out
     run = wandb.init(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
@@ -131,13 +187,21 @@ def init_tracking(cfg, stage: str, output_dir: str | os.PathLike, rank: int | No
         dir=str(out),
         id=run_id,
         resume="allow" if run_id else None,
-        # no system-metrics sampler: it would steal CPU from the training workers
-        settings=wandb.Settings(x_disable_stats=True, console="off"),
+        settings=capture_settings(cfg, mode),
     )
     # epoch-level metrics ("epoch/...") plot against the epoch, per-step ones against the global step
     run.define_metric("epoch")
     run.define_metric("epoch/*", step_metric="epoch")
     return WandbTracker(run)
+
+
+def capture_settings(cfg, mode: str):
+    """Console output and system metrics: recorded online, and offline with `wandb.capture_offline: true`
+    (off otherwise: the sampler costs CPU the training workers could use, and the console is in the job log)."""
+    import wandb
+
+    capture = mode == "online" or bool(getattr(cfg.wandb, "capture_offline", False))
+    return wandb.Settings(x_disable_stats=not capture, console="auto" if capture else "off")
 
 
 def read_run_records(run_dir: str | os.PathLike, timeout: float = 120) -> list[dict[str, Any]]:

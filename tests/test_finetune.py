@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -273,6 +274,86 @@ def test_wandb_run_holds_the_table_and_the_plot(run):
     assert 0.0 <= logged["finetune/acc@0.1"] <= 1.0
 
 
+def test_embedding_map_beside_the_report_and_in_wandb(run):
+    """Issue 13: embedding.png (PCA of the encoder's features of a seeded test sample, by class) beside the
+    report, named in report.json, logged to W&B."""
+    from PIL import Image
+
+    from runtime.tracking import read_run_history
+
+    report = json.loads((run / "report.json").read_text())
+    assert report["embedding"] == "embedding.png"
+    with Image.open(run / "embedding.png") as im:
+        assert im.format == "PNG" and min(im.size) >= 300
+    logged = {}
+    for item in read_run_history(sorted((run / "wandb").glob("offline-run-*"))[-1]):
+        logged.update(item)
+    assert logged.get("embedding._type") == "image-file"
+
+
+def test_pca_2d_separates_two_clusters_and_is_deterministic():
+    from finetune.embedding import pca_2d
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.1, (50, 8)) + 3.0
+    b = rng.normal(0, 0.1, (50, 8)) - 3.0
+    xy = pca_2d(np.vstack([a, b]))
+    assert xy.shape == (100, 2)
+    assert (np.sign(xy[:50, 0]) != np.sign(xy[50:, 0])).all()  # the first component splits them
+    assert np.array_equal(xy, pca_2d(np.vstack([a, b])))
+
+
+def test_readme_table_is_generated_from_report_json(run):
+    """Issue 13: `python -m finetune.report RUN_DIR --markdown` prints README's table from a real report.json."""
+    p = subprocess.run([sys.executable, "-m", "finetune.report", str(run), "--markdown"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    report = json.loads((run / "report.json").read_text())
+    lines = p.stdout.splitlines()
+    fractions = sorted({r["label_fraction"] for r in report["results"]})
+    labels = {f: max(r["labels"] for r in report["results"] if r["label_fraction"] == f) for f in fractions}
+    assert lines[0] == "| method | " + " | ".join(f"{f * 100:g} % ({labels[f]:,} labels)" for f in fractions) + " |"
+    assert lines[1] == "|---" * (len(fractions) + 1) + "|"
+    best = {c["label_fraction"]: c["best"] for c in report["comparisons"]}
+    assert best  # two seeds: the compared fractions have a best method, shown in bold
+    rows = {ln.split(" | ")[0].split("`")[1]: ln.strip("| ").split(" | ")[1:] for ln in lines[2:]}
+    assert set(rows) == {r["method"] for r in report["results"]}
+    assert rows["semi"] and lines[-1].startswith(f"| `semi` (`{report['semi_method']}`) |")
+    for r in report["results"]:
+        cell = rows[r["method"]][fractions.index(r["label_fraction"])]
+        want = f"{r['accuracy_mean'] * 100:.1f}" + (f" ± {r['accuracy_std'] * 100:.1f}" if r["seeds"] > 1 else "")
+        assert cell == (f"**{want}**" if best.get(r["label_fraction"]) == r["method"] else want), (r, cell)
+    bad = subprocess.run([sys.executable, "-m", "finetune.report", str(run / "nothing")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_wandb_summary_is_the_report_and_links_encoder_and_classifiers(run):
+    """Issue 13: the summary holds report.json's mean (and std) per method and fraction, not the last seed; the
+    run uses the encoder artifact (lineage) and logs every shipped classifier as a model and report.md."""
+    from runtime.tracking import read_run_records
+
+    records = read_run_records(sorted((run / "wandb").glob("offline-run-*"))[-1])
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"]["update"])
+    report = json.loads((run / "report.json").read_text())
+    assert any(row["seeds"] > 1 and row["accuracies"][-1] != row["accuracy_mean"] for row in report["results"])
+    for row in report["results"]:
+        key = f"{row['method']}/acc@{row['label_fraction']:g}"
+        assert summary[key] == pytest.approx(row["accuracy_mean"]) and summary[f"{key}_std"] == pytest.approx(
+            row["accuracy_std"]), key
+    artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
+    used = [a for a in artifacts if a.get("use_after_commit")]
+    assert [(a["name"], a["type"]) for a in used] == [("digits-encoder", "model")]
+    assert {e["path"] for e in used[0]["manifest"]["contents"]} == {"encoder.safetensors", "head.safetensors",
+                                                                      "encoder.json"}
+    logged = {a["name"] for a in artifacts if a["type"] == "model" and not a.get("use_after_commit")}
+    assert logged == {f"digits-classifier-{d.name}" for d in (run / "classifiers").iterdir()}
+    assert any(f["path"] == "report.md" for r in records if r["type"] == "files" for f in r["files"]["files"])
+
+
 @pytest.mark.slow
 def test_predict_gives_the_label_the_evaluation_counted(run, data, tmp_path, capsys):
     classifiers = sorted((run / "classifiers").iterdir())
@@ -296,9 +377,50 @@ def test_predict_gives_the_label_the_evaluation_counted(run, data, tmp_path, cap
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(paths)
     for line, (key, path) in zip(lines, paths.items()):
-        shown_path, name = line.split("\t")
-        assert shown_path == str(path)
+        shown_path, name, prob = line.split("\t")
+        assert shown_path == str(path) and 0.0 < float(prob) <= 1.0
         assert name == evaluated[key], f"{key}: predict says {name}, the evaluation counted {evaluated[key]}"
+
+
+def _test_images(data, tmp_path, n: int) -> list[Path]:
+    shard = data["shards"] / data["manifest"]["splits"]["test"]["shards"][0]
+    out = []
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".png") and len(out) < n:
+                out.append(tmp_path / Path(member.name).name)
+                out[-1].write_bytes(tar.extractfile(member).read())
+    return out
+
+
+def test_readme_predict_example_runs_with_probabilities_top_k_and_json(run, data, tmp_path, capsys):
+    """Issue 13: README's `selfsup predict runs/digits/classifiers/<name> image.png` names a classifier a
+    fine-tuning run with the demo's methods and fractions writes; it prints class and probability, --top-k and
+    --json; a wrong name is refused naming the classifiers that exist."""
+    import re
+
+    m = re.search(r"`selfsup predict runs/digits/classifiers/([\w.-]+) image\.png", (ROOT / "README.md").read_text())
+    assert m, "README's predict example"
+    demo = load_config(ROOT / "configs" / "digits.yaml")
+    assert demo.data.labeled_fractions == [0.01, 0.1] and "semi" in demo.finetune.methods  # as the `run` fixture
+    model = run / "classifiers" / m.group(1)
+    assert (model / "model.json").is_file(), f"README names {m.group(1)}; written: {os.listdir(run / 'classifiers')}"
+    images = _test_images(data, tmp_path, 3)
+    capsys.readouterr()
+    assert selfsup(["predict", str(model), *map(str, images)]) == 0
+    plain = [ln.split("\t") for ln in capsys.readouterr().out.strip().splitlines()]
+    assert [ln[0] for ln in plain] == list(map(str, images)) and all(len(ln) == 3 for ln in plain)
+    assert selfsup(["predict", str(model), *map(str, images), "--top-k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    classes = [str(i) for i in range(10)]
+    for item, line in zip(out, plain):
+        preds = item["predictions"]
+        assert item["image"] == line[0] and len(preds) == 3 and all(p["class"] in classes for p in preds)
+        probs = [p["probability"] for p in preds]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert (preds[0]["class"], f"{probs[0]:.3f}") == (line[1], line[2])  # the plain line is the top one
+    err = _refused(capsys, ["predict", str(run / "classifiers" / "finetune-0.1"), str(images[0])])
+    assert "classifier not found" in err and all(n in err for n in os.listdir(run / "classifiers"))
 
 
 @pytest.mark.slow

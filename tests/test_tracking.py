@@ -151,3 +151,81 @@ def test_a_pretrain_run_writes_and_prints_no_api_key(tmp_path):
     assert len(files) > 10
     leaked = [p for p in files if FAKE_KEY.encode() in p.read_bytes()]
     assert not leaked, leaked
+
+
+def _artifacts(records: list[dict]) -> list[dict]:
+    return [r["artifact"] for r in records if r["type"] == "artifact"]
+
+
+def test_artifact_files_travel_with_the_offline_run_directory(tmp_path, api_key_env, monkeypatch):
+    """Issue 13: wandb stages artifact files under the user's home by default; here they stay in the run's own
+    directory, so a copy of `<output_dir>/wandb` holds them after the original and the home staging are gone."""
+    import hashlib
+    import shutil
+
+    home, real_home = tmp_path / "home", os.environ.get("HOME", "/root")
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = Config()
+    cfg.name = "trk"
+    out = tmp_path / "run"
+    weights = tmp_path / "encoder.safetensors"
+    weights.write_bytes(os.urandom(4096))
+    tracker = init_tracking(cfg, "pretrain", out, rank=0)
+    tracker.log_artifact("trk-encoder", "model", [weights])
+    tracker.finish()
+    original = tracker.run_dir
+
+    copy = tmp_path / "elsewhere" / "wandb"
+    shutil.copytree(out / "wandb", copy)
+    assert not [p for p in home.rglob("*") if p.is_file() and "artifacts" in p.parts]  # nothing staged at home
+    shutil.rmtree(out)
+    shutil.rmtree(home, ignore_errors=True)  # whatever wandb put in the home staging area is gone too
+    weights.unlink()
+
+    run_copy = copy / original.name
+    monkeypatch.setenv("HOME", real_home)  # wandb's reader needs a home of its own
+    (entry,) = _artifacts(read_run_records(run_copy))[0]["manifest"]["contents"]
+    staged = Path(entry["local_path"])
+    assert staged.is_relative_to(original)  # staged inside the run directory, not under $HOME
+    data = (run_copy / staged.relative_to(original)).read_bytes()
+    assert entry["path"] == "encoder.safetensors" and len(data) == 4096
+    assert hashlib.md5(data).digest() == __import__("base64").b64decode(entry["digest"])
+    assert os.environ.get("WANDB_DATA_DIR") is None  # set only while the artifact was made
+
+
+def test_finetune_run_uses_the_encoder_artifact_and_saves_files(tmp_path, api_key_env):
+    """Lineage: the fine-tuning run declares the encoder artifact (same name, type and files as pretraining
+    logged) as its input; report.md is a file of the run."""
+    cfg = Config()
+    cfg.name = "trk"
+    cfg.output_dir = str(tmp_path / "out")
+    enc = tmp_path / "encoder.json"
+    enc.write_text('{"model": "resnet18"}')
+    report = tmp_path / "report.md"
+    report.write_text("# report\n")
+    t = init_tracking(cfg, "finetune", tmp_path / "out", rank=0)
+    t.use_artifact("trk-encoder", "model", [enc])
+    t.save_file(report)
+    t.finish()
+    records = read_run_records(t.run_dir)
+    (used,) = [a for a in _artifacts(records) if a["name"] == "trk-encoder"]
+    assert used["use_after_commit"] is True and used["type"] == "model"
+    assert any(f["path"] == "report.md" for r in records if r["type"] == "files" for f in r["files"]["files"])
+    assert (t.run_dir / "files" / "report.md").read_text() == "# report\n"
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["config"]["update"]["encoder"] == str((tmp_path / "out").resolve())  # not null
+
+
+def test_console_and_system_metrics_follow_mode_and_config():
+    from runtime.tracking import capture_settings
+
+    cfg = Config()
+    off = capture_settings(cfg, "offline")
+    assert off.x_disable_stats and off.console == "off"
+    on = capture_settings(cfg, "online")
+    assert not on.x_disable_stats and on.console != "off"
+    cfg.wandb.capture_offline = True
+    asked = capture_settings(cfg, "offline")
+    assert not asked.x_disable_stats and asked.console != "off"
