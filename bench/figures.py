@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from bench.report import table
+from runtime.errors import run_cli
+from runtime.files import fill_marked_block
 
 README = Path(__file__).with_name("README.md")
 
@@ -28,25 +29,20 @@ def block(r: dict, source: str) -> str:
     return f"{head}\n\n```\n{table(r).rstrip()}\n```\n"
 
 
-def replace_section(text: str, section: str, body: str) -> str:
-    begin, end = f"<!-- figures:{section} -->", f"<!-- /figures:{section} -->"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"error: {README} has no {begin} ... {end} block to fill")
-    return pattern.sub(lambda _: f"{begin}\n{body}{end}", text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.figures", description=__doc__.split("\n")[0])
     p.add_argument("json", help="a bench.json written by `selfsup bench`")
     p.add_argument("--section", required=True, help="the README block to fill, e.g. memory")
     p.add_argument("--readme", default=str(README), help="the Markdown file holding the block")
     args = p.parse_args(argv)
-    r = json.loads(Path(args.json).read_text())
-    readme = Path(args.readme)
-    readme.write_text(replace_section(readme.read_text(), args.section, block(r, args.json)))
-    print(f"{readme}: {args.section} figures from {args.json}")
-    return 0
+
+    def go() -> int:
+        r = json.loads(Path(args.json).read_text())
+        fill_marked_block(args.readme, args.section, block(r, args.json))
+        print(f"{args.readme}: {args.section} figures from {args.json}")
+        return 0
+
+    return run_cli(go)
 
 
 if __name__ == "__main__":

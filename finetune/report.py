@@ -257,7 +257,8 @@ def readme_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m finetune.report RUN_DIR [--markdown]`: print README's table from RUN_DIR/report.json."""
+    """`python -m finetune.report RUN_DIR [--markdown] [--readme FILE --section NAME]`: print README's table
+    from RUN_DIR/report.json, or write it into FILE between `<!-- figures:NAME -->` markers."""
     import argparse
     import sys
 
@@ -266,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.report", description=main.__doc__)
     p.add_argument("run_dir", help="a fine-tuning output_dir (holding report.json) or a report.json")
     p.add_argument("--markdown", action="store_true", help="the README's Markdown table (the default and only form)")
+    p.add_argument("--readme", default=None, help="write the table into this Markdown file instead of printing it")
+    p.add_argument("--section", default=None, help="with --readme: the `<!-- figures:NAME -->` block to fill")
     args = p.parse_args(argv)
+    if (args.readme is None) != (args.section is None):
+        p.error("--readme and --section go together")
 
     def go() -> int:
         path = Path(args.run_dir)
@@ -278,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{path} not found: run `selfsup finetune` (or the pipeline) first") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path} is not a readable report.json ({type(e).__name__}: {e})") from None
-        sys.stdout.write(table)
+        if args.readme:
+            from runtime.files import fill_marked_block
+
+            fill_marked_block(args.readme, args.section, table)
+            print(f"{args.readme}: {args.section} table from {path}")
+        else:
+            sys.stdout.write(table)
         return 0
 
     return run_cli(go)

@@ -42,3 +42,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+
+
+def fill_marked_block(path: str | os.PathLike, section: str, body: str) -> None:
+    """Replace what stands between `<!-- figures:SECTION -->` and `<!-- /figures:SECTION -->` in a Markdown file
+    with `body`: how README figures are regenerated from a run's JSON instead of typed. A file without the
+    pair of markers is a UserError naming them."""
+    import re
+
+    from runtime.errors import UserError
+
+    p = Path(path)
+    begin, end = f"<!-- figures:{section} -->", f"<!-- /figures:{section} -->"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = p.read_text()
+    if not pattern.search(text):
+        raise UserError(f"{p} has no {begin} ... {end} block to fill: add the two markers where the figures go")
+    atomic_write_text(p, pattern.sub(lambda _: f"{begin}\n{body}{end}", text))

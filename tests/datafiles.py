@@ -153,3 +153,15 @@ def write_garbage_image(path: str | Path, n_bytes: int = 300) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(np.random.default_rng(2).integers(0, 256, n_bytes, dtype=np.uint8).tobytes())
     return p
+
+
+def write_finished_looking_run(dir: str | Path) -> Path:
+    """A run dir holding the files a finished run leaves (encoder.json, report.json, configs, metrics), for
+    checking that a refused command changes none of them."""
+    run = Path(dir)
+    run.mkdir(parents=True, exist_ok=True)
+    for name, text in {"encoder.json": '{"model": "resnet18"}', "report.json": '{"results": []}',
+                       "config.yaml": "name: digits\n", "metrics.jsonl": '{"epoch": 1}\n',
+                       "pipeline.config.yaml": "name: digits\n"}.items():
+        (run / name).write_text(text)
+    return run

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from datafiles import write_cifar10, write_image_folder  # noqa: E402
+from datafiles import write_cifar10, write_finished_looking_run, write_image_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.timm_kwargs={channels: [8, 16, 32, 64]}", "model.stem=default", "model.proj_hidden_dim=64",
@@ -67,12 +67,7 @@ def ws(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("adv")
     write_shards("digits", root / "shards", labeled_fractions=[0.1], progress=False, workers=1)
-    existing = root / "existing"
-    existing.mkdir()
-    for name, text in {"encoder.json": '{"model": "resnet18"}', "report.json": '{"results": []}',
-                       "config.yaml": "name: digits\n", "metrics.jsonl": '{"epoch": 1}\n',
-                       "pipeline.config.yaml": "name: digits\n"}.items():
-        (existing / name).write_text(text)
+    existing = write_finished_looking_run(root / "existing")
     (root / "dup.yaml").write_text("pretrain:\n  epochs: 3\noptim:\n  base_lr: 0.1\npretrain:\n  batch_size: 64\n")
     (root / "latin1.yaml").write_bytes("name: caf\xe9\npretrain:\n  epochs: 1\n".encode("latin-1"))
     (root / "inf.yaml").write_text("pretrain:\n  temperature: .inf\n")

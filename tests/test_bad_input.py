@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.datafiles import write_finished_looking_run
+
 ROOT = Path(__file__).resolve().parents[1]
 # ~30 rows, each a fresh Python process; most fail at config loading (< 1 s), the few that reach a stage
 # import torch first (a few seconds each)
@@ -36,12 +38,7 @@ def ws(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bad")
     write_shards("digits", root / "shards", labeled_fractions=[0.1], progress=False)
-    existing = root / "existing"
-    existing.mkdir()
-    for name, text in {"encoder.json": '{"model": "resnet18"}', "report.json": '{"results": []}',
-                       "config.yaml": "name: digits\n", "metrics.jsonl": '{"epoch": 1}\n',
-                       "pipeline.config.yaml": "name: digits\n"}.items():
-        (existing / name).write_text(text)
+    existing = write_finished_looking_run(root / "existing")
     (root / "enc-nojson").mkdir()
     (root / "enc-nojson" / "encoder.safetensors").write_bytes(b"\0" * 64)
     (root / "a-file").write_text("not a directory\n")

@@ -326,6 +326,13 @@ def test_readme_table_is_generated_from_report_json(run):
     bad = subprocess.run([sys.executable, "-m", "finetune.report", str(run / "nothing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    # --readme fills the marked block of a Markdown file with the same table, and nothing else in it
+    readme = run.parent / "README-table.md"
+    readme.write_text("before\n<!-- figures:digits -->\nold\n<!-- /figures:digits -->\nafter\n")
+    w = subprocess.run([sys.executable, "-m", "finetune.report", str(run), "--readme", str(readme), "--section",
+                        "digits"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert w.returncode == 0, w.stderr
+    assert readme.read_text() == f"before\n<!-- figures:digits -->\n{p.stdout}<!-- /figures:digits -->\nafter\n"
 
 
 def test_wandb_summary_is_the_report_and_links_encoder_and_classifiers(run):
