@@ -58,4 +58,5 @@ def fill_marked_block(path: str | os.PathLike, section: str, body: str) -> None:
     text = p.read_text()
     if not pattern.search(text):
         raise UserError(f"{p} has no {begin} ... {end} block to fill: add the two markers where the figures go")
-    atomic_write_text(p, pattern.sub(lambda _: f"{begin}\n{body}{end}", text))
+    # blank lines around the body: a table or code block must not run into the markers (Markdown)
+    atomic_write_text(p, pattern.sub(lambda _: f"{begin}\n\n{body.strip()}\n\n{end}", text))

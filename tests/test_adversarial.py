@@ -379,7 +379,8 @@ def test_predict_reports_a_decompression_bomb_in_one_line_and_predicts_the_rest(
     line = one_error_line(r)
     assert r.returncode == 2 and str(bomb) in line, line
     printed = [x.split("\t") for x in r.stdout.strip().splitlines()]
-    assert [p for p, _ in printed] == [str(g) for g in good] and all(c in ("a", "b") for _, c in printed)
+    # path, class, probability per readable image
+    assert [x[0] for x in printed] == [str(g) for g in good] and all(x[1] in ("a", "b") for x in printed)
 
 
 # ---------------------------------------------------------------- 10: Ctrl-C during `selfsup shard`

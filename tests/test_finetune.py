@@ -332,7 +332,7 @@ def test_readme_table_is_generated_from_report_json(run):
     w = subprocess.run([sys.executable, "-m", "finetune.report", str(run), "--readme", str(readme), "--section",
                         "digits"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert w.returncode == 0, w.stderr
-    assert readme.read_text() == f"before\n<!-- figures:digits -->\n{p.stdout}<!-- /figures:digits -->\nafter\n"
+    assert readme.read_text() == f"before\n<!-- figures:digits -->\n\n{p.stdout}\n<!-- /figures:digits -->\nafter\n"
 
 
 def test_wandb_summary_is_the_report_and_links_encoder_and_classifiers(run):
