@@ -9,6 +9,9 @@
 The function talks to either through `session()`: rank, world size, device, `get_checkpoint()`,
 `report(metrics, checkpoint_dir=...)` and `progress(...)`. Checkpoints land in the same layout either way:
 `<storage_path>/<name>/checkpoint_epoch_NNNNNN/`.
+
+Over 400 lines on purpose: one job, the two ways of running a loop (Ray Train or Ray tasks, and in-process)
+kept side by side so that they stay alike; the console display is runtime/console.py.
 """
 
 from __future__ import annotations
