@@ -59,9 +59,11 @@ def draw_labeled_subset(keys: Sequence[str], labels: Sequence[int], fraction: fl
         raise UserError(f"labeled fraction must be in (0, 1], got {fraction}")
     if len(labels) != len(keys):
         raise ValueError(f"{len(keys)} keys but {len(labels)} labels")
-    order = sorted(range(len(keys)), key=lambda i: keys[i])
-    keys = [keys[i] for i in order]
-    labels = np.asarray([labels[i] for i in order], dtype=np.int64)
+    if any(keys[i] > keys[i + 1] for i in range(len(keys) - 1)):  # already in order: no copies (the writer's)
+        order = sorted(range(len(keys)), key=lambda i: keys[i])
+        keys = [keys[i] for i in order]
+        labels = [labels[i] for i in order]
+    labels = np.asarray(labels, dtype=np.int64)
     classes = np.unique(labels[labels >= 0])
     n = int((labels >= 0).sum())
     if n == 0:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,41 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # seed is scored on the same test images.
 SPLIT_SEED = 0
 
-Record = tuple[str, int, Any]
+class PathList(Sequence[str]):
+    """File paths in one growing bytes buffer plus an offsets array: ~the path's length + 8 bytes each, where a
+    list of `Path`s costs ~450 (a folder of a million images: ~70 MB against ~450 MB)."""
+
+    def __init__(self) -> None:
+        self._blob = bytearray()
+        self._ends = array("q")
+
+    def append(self, path: str) -> None:
+        self._blob += os.fsencode(path)
+        self._ends.append(len(self._blob))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices, IndexError
+        start = self._ends[i - 1] if i else 0
+        return os.fsdecode(bytes(self._blob[start:self._ends[i]]))
+
+
+@dataclass
+class Split:
+    """One split of a source: `labels[i]` and `images[i]` (an array row, or a path) for i in source order."""
+
+    labels: np.ndarray
+    images: Sequence[Any]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return int(self.labels[i]), self.images[i]
 
 
 @dataclass
@@ -34,11 +69,15 @@ class Source:
     name: str
     classes: list[str]
     channels: int  # 1 (grayscale) or 3
-    records: Iterator[Record]  # (split, label or -1, array or path), splits in order
+    splits: dict[str, Split]  # train, test and, when there is one, unlabeled (labels -1)
     default_image_size: int | None = None  # None: keep the size as given
     upscale: bool = False  # only digits may be enlarged (8 px -> 16 px)
     input_dir: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)  # images per split, before decoding
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Images per split, before decoding."""
+        return {name: len(s) for name, s in self.splits.items()}
 
 
 def open_source(name: str, input_dir: str | os.PathLike | None, test_fraction: float = 0.2) -> Source:
@@ -112,13 +151,9 @@ def digits_source() -> Source:
         np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=SPLIT_SEED
     )
 
-    def records() -> Iterator[Record]:
-        for split, idx in (("train", np.sort(idx_train)), ("test", np.sort(idx_test))):
-            for i in idx:
-                yield split, int(labels[i]), images[i]
-
-    return Source("digits", [str(c) for c in range(10)], 1, records(), default_image_size=16, upscale=True,
-                  counts={"train": len(idx_train), "test": len(idx_test)})
+    splits = {split: Split(labels[np.sort(idx)], images[np.sort(idx)])
+              for split, idx in (("train", idx_train), ("test", idx_test))}
+    return Source("digits", [str(c) for c in range(10)], 1, splits, default_image_size=16, upscale=True)
 
 
 # ------------------------------------------------------------------- CIFAR
@@ -190,14 +225,8 @@ def cifar_source(root: Path, name: str) -> Source:
         if len(bad):
             raise UserError(f"{name} {split} labels must be in 0..{n_classes - 1}, found {int(bad[0])} in {root}")
 
-    def records() -> Iterator[Record]:
-        for split in ("train", "test"):
-            x, y = arrays[split]
-            for i in range(len(x)):
-                yield split, int(y[i]), x[i]
-
-    return Source(name, classes, 3, records(), input_dir=str(root),
-                  counts={s: len(a[1]) for s, a in arrays.items()})
+    splits = {split: Split(arrays[split][1], arrays[split][0]) for split in ("train", "test")}
+    return Source(name, classes, 3, splits, input_dir=str(root))
 
 
 # ------------------------------------------------------------------ STL-10
@@ -239,31 +268,35 @@ def stl10_source(root: Path) -> Source:
         if len(names) == 10:
             classes = names
 
-    def records() -> Iterator[Record]:
-        for split in ("train", "test"):
-            x, y = arrays[split]
-            for i in range(len(x)):
-                yield split, int(y[i]), x[i]
-        if unlabeled is not None:
-            for i in range(len(unlabeled)):
-                yield "unlabeled", -1, unlabeled[i]
-
-    counts = {s: len(a[1]) for s, a in arrays.items()}
-    counts["unlabeled"] = 0 if unlabeled is None else len(unlabeled)
-    return Source("stl10", classes, 3, records(), input_dir=str(root), counts=counts)
+    splits = {split: Split(arrays[split][1], arrays[split][0]) for split in ("train", "test")}
+    if unlabeled is not None:
+        splits["unlabeled"] = Split(np.full(len(unlabeled), -1, dtype=np.int64), unlabeled)
+    return Source("stl10", classes, 3, splits, input_dir=str(root))
 
 
 # ------------------------------------------------------------------ folder
 
 
-def _image_files(d: Path) -> list[Path]:
-    """Image files under d at any depth, sorted, hidden files and other extensions ignored."""
-    out = []
+def _image_files(d: Path) -> PathList:
+    """Image files under d at any depth, hidden files and other extensions ignored, in a fixed order: each
+    folder's files sorted by name, then its subfolders, sorted, in turn."""
+    out = PathList()
     for dirpath, dirnames, filenames in os.walk(d, followlinks=False):
         dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-        out.extend(Path(dirpath) / f for f in filenames
-                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
-    return sorted(out)
+        for f in sorted(filenames):
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(os.path.join(dirpath, f))
+    return out
+
+
+def _labeled_split(parts: Iterator[tuple[int, Sequence[str]]]) -> Split:
+    """One Split of (label, files) parts, in order."""
+    labels, files = array("i"), PathList()
+    for label, part in parts:
+        for f in part:
+            labels.append(label)
+            files.append(f)
+    return Split(np.frombuffer(labels, dtype=np.int32) if labels else np.zeros(0, np.int32), files)
 
 
 def _class_dirs(d: Path, exclude: tuple[str, ...] = (), root: Path | None = None) -> list[Path]:
@@ -285,17 +318,22 @@ def _loops_back(p: Path, root: Path) -> bool:
     return True
 
 
-def _split_off_test(by_class: list[list[Path]], test_fraction: float) -> dict[str, list[tuple[int, Path]]]:
+def _split_off_test(by_class: list[PathList], test_fraction: float) -> dict[str, Split]:
     """Per class, a fixed-seed `test_fraction` to test (at least one each side once a class has two)."""
     rng = np.random.default_rng(SPLIT_SEED)
-    out: dict[str, list[tuple[int, Path]]] = {"train": [], "test": []}
-    for label, files in enumerate(by_class):
+    is_test = []
+    for files in by_class:
         order = rng.permutation(len(files))
         n_test = 0 if len(files) < 2 else min(len(files) - 1, max(1, round(len(files) * test_fraction)))
-        test_idx = set(order[:n_test].tolist())
-        for i, f in enumerate(files):
-            out["test" if i in test_idx else "train"].append((label, f))
-    return out
+        mask = np.zeros(len(files), dtype=bool)
+        mask[order[:n_test]] = True
+        is_test.append(mask)
+
+    def part(test: bool) -> Iterator[tuple[int, list[str]]]:
+        for label, (files, mask) in enumerate(zip(by_class, is_test)):
+            yield label, [files[i] for i in np.flatnonzero(mask == test)]  # one class's paths at a time
+
+    return {"train": _labeled_split(part(False)), "test": _labeled_split(part(True))}
 
 
 def folder_source(root: Path, test_fraction: float = 0.2) -> Source:
@@ -306,26 +344,20 @@ def folder_source(root: Path, test_fraction: float = 0.2) -> Source:
     classes = [p.name for p in class_dirs]
     by_class = [_image_files(d) for d in class_dirs]
     if split_layout and (root / "test").is_dir():
-        labeled = {"train": [(label, f) for label, files in enumerate(by_class) for f in files], "test": []}
-        for cdir in _class_dirs(root / "test", root=root):
+        test_dirs = _class_dirs(root / "test", root=root)
+        for cdir in test_dirs:
             if cdir.name not in classes:
                 raise UserError(f"test class {cdir.name!r} in {root / 'test'} has no train folder in "
                                 f"{root / 'train'}: add it there or remove it")
-            labeled["test"] += [(classes.index(cdir.name), f) for f in _image_files(cdir)]
+        labeled = {"train": _labeled_split(enumerate(by_class)),
+                   "test": _labeled_split((classes.index(c.name), _image_files(c)) for c in test_dirs)}
     else:  # no test folder: hold out test_fraction of each class
         labeled = _split_off_test(by_class, test_fraction)
-    unlabeled = _image_files(root / "unlabeled") if (root / "unlabeled").is_dir() else []
-    if not labeled["train"]:
+    unlabeled = _image_files(root / "unlabeled") if (root / "unlabeled").is_dir() else PathList()
+    if not len(labeled["train"]):
         found = "only unlabeled images" if unlabeled else "no images"
         raise UserError(f"{found} ({', '.join(IMAGE_EXTENSIONS)}) in {root}: expected labeled images in "
                         "DIR/<class>/*.jpg, or DIR/train/<class>/* and DIR/test/<class>/*")
 
-    def records() -> Iterator[Record]:
-        for split in ("train", "test"):
-            for label, f in labeled[split]:
-                yield split, label, str(f)
-        for f in unlabeled:
-            yield "unlabeled", -1, str(f)
-
-    counts = {"train": len(labeled["train"]), "test": len(labeled["test"]), "unlabeled": len(unlabeled)}
-    return Source("folder", classes, 3, records(), input_dir=str(root), counts=counts)
+    splits = {**labeled, "unlabeled": Split(np.full(len(unlabeled), -1, dtype=np.int32), unlabeled)}
+    return Source("folder", classes, 3, splits, input_dir=str(root))

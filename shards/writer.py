@@ -30,7 +30,7 @@ from runtime.config import MIN_IMAGE_SIZE, atomic_write_text
 from runtime.errors import UserError, disk_full_message, is_disk_full
 from runtime.runlock import hold, lock_scope
 from shards.manifest import MANIFEST, draw_labeled_subset, parse_fractions, read_manifest
-from shards.sources import SOURCES, Source, decode_image, open_source
+from shards.sources import SOURCES, Source, Split, decode_image, open_source
 
 MARKER = ".shard-incomplete"  # present while a run writes; a crash leaves it behind
 MIN_SIDE = MIN_IMAGE_SIZE  # images with a shorter side below this are refused (nothing to crop from)
@@ -221,7 +221,7 @@ def _plan(src: Source, out: Path, shard_size: int, size: int | None) -> Iterator
         path = _inside(out, f"{split}-{i:06d}.tar")
         return split, i, str(path), items, size, src.upscale, src.channels
 
-    for split, records in _shuffled_splits(src.records):
+    for split, records in _shuffled_splits(src.splits):
         for item in records:
             buffers.setdefault(split, []).append(item)
             if len(buffers[split]) >= shard_size:
@@ -230,19 +230,15 @@ def _plan(src: Source, out: Path, shard_size: int, size: int | None) -> Iterator
             yield task(split)
 
 
-def _shuffled_splits(records: Iterator[tuple]) -> Iterator[tuple[str, list[tuple[str, int, Any]]]]:
-    """`(split, [(key, label, image)])` per split, keys numbered in source order, the list in a random
+def _shuffled_splits(splits: dict[str, Split]) -> Iterator[tuple[str, Iterator[tuple[str, int, Any]]]]:
+    """`(split, (key, label, image) ...)` per split, keys numbered in source order, yielded in a random
     order across classes: sources list images class by class, and a shard of one or two classes gives
     batches of one or two classes (the WebDataset convention is to shuffle before writing). The order is
     seeded by `SHUFFLE_SEED` and the split's name, not `--seed`: the shards are the same for every
-    labeled-subset seed. Only references are held (paths, array views), never decoded images."""
-    by_split: dict[str, list[tuple[str, int, Any]]] = {}
-    for split, label, image in records:
-        items = by_split.setdefault(split, [])
-        items.append((f"{split}-{len(items):08d}", label, image))
-    for split, items in by_split.items():
+    labeled-subset seed. Only a permutation is held; each image is fetched from the source as it is used."""
+    for split, s in splits.items():
         rng = np.random.default_rng([SHUFFLE_SEED, *split.encode()])
-        yield split, [items[i] for i in rng.permutation(len(items))]
+        yield split, ((f"{split}-{i:08d}", *s[i]) for i in rng.permutation(len(s)))
 
 
 def _run_tasks(tasks: Iterator[tuple], workers: int, total: int, progress: bool | None) -> list[dict]:
@@ -252,6 +248,10 @@ def _run_tasks(tasks: Iterator[tuple], workers: int, total: int, progress: bool 
     bar = tqdm(total=total, unit="img", desc="sharding", disable=(None if progress is None else not progress))
 
     def collect(r: dict) -> None:
+        # only the train split's keys and labels are needed (labeled subsets): kept as int arrays, ~8 bytes each
+        train = r["split"] == "train"
+        r["keys"] = np.array([int(k.rsplit("-", 1)[1]) for k in r["keys"]], dtype=np.int64) if train else None
+        r["labels"] = np.asarray(r["labels"], dtype=np.int64) if train else None
         results.append(r)
         bar.update(r["count"] + len(r["skipped"]))
         for ref, reason in r["skipped"]:
@@ -451,8 +451,9 @@ def _assemble(src: Source, out: Path, results: list[dict], size: int | None, fra
     pixels = sum(r["pixels"] for r in train)
     mean = sum(r["sum"] for r in train) / pixels
     var = np.maximum(sum(r["sum_sq"] for r in train) / pixels - mean**2, 0.0)
-    keys = [k for r in train for k in r["keys"]]
-    labels = [lab for r in train for lab in r["labels"]]
+    index = np.concatenate([r["keys"] for r in train])
+    order = np.argsort(index)
+    keys, labels = _TrainKeys(index[order]), np.concatenate([r["labels"] for r in train])[order]
 
     subsets = {}
     if fractions:
@@ -482,3 +483,18 @@ def _assemble(src: Source, out: Path, results: list[dict], size: int | None, fra
         "skipped": len(skipped),
         "skipped_files": [f"{ref}: {reason}" for ref, reason in skipped[:MAX_SKIPPED_LISTED]],
     }
+
+
+class _TrainKeys(Sequence[str]):
+    """The train keys `train-00000042` of sorted indices, made one at a time (not 60+ bytes each held)."""
+
+    def __init__(self, index: np.ndarray) -> None:
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return f"train-{int(self.index[i]):08d}"
