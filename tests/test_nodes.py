@@ -66,9 +66,11 @@ def two_nodes(tmp_path_factory):
     token.write_text(uuid.uuid4().hex)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"}
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is what an in-process local cluster (runtime.launch.init_ray) leaves
-    # in this process's environment; a second node refuses to start under it
-    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "WANDB_API_KEY", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+    # what earlier tests leave in this process's environment: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (an in-process
+    # local cluster, runtime.launch.init_ray), under which a second node refuses to start; WANDB_SERVICE (an
+    # in-process wandb.init), which would hand the nodes' W&B runs to this test process's wandb service
+    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "WANDB_API_KEY", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+              "WANDB_SERVICE"):
         env.pop(k, None)
     tmp_path = tmp_path_factory.mktemp("nodes")
     cwd = {name: tmp_path / name for name in ("head_cwd", "node_cwd")}
