@@ -13,17 +13,6 @@ def _flat(images: torch.Tensor) -> np.ndarray:
     return images.reshape(images.shape[0], -1).numpy().astype(np.float32) / 255.0
 
 
-def pixels_predict(train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
-                   seed: int = 0, max_iter: int = 1000) -> np.ndarray:
-    """Test-set predictions of a standardised-pixel logistic regression fit on the labeled images."""
-    y = train_labels.numpy()
-    if len(np.unique(y)) < 2:  # sklearn refuses one class; the only sensible answer is that class
-        return np.full(test_images.shape[0], int(y[0]), dtype=np.int64)
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
-    clf.fit(_flat(train_images), y)
-    return clf.predict(_flat(test_images)).astype(np.int64)
-
-
 def pixels_fit(train_images: torch.Tensor, train_labels: torch.Tensor, seed: int = 0, max_iter: int = 1000):
     """The fitted standardised-pixel logistic regression (or the one class when the labels hold one), for
     `pixels_predict_with` to apply batch by batch to a streamed test split."""
