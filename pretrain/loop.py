@@ -48,6 +48,7 @@ from pretrain.model import (
     unwrap,
 )
 from pretrain.optim import build_optimizer, lr_at, set_lr
+from pretrain.precision import resolve_for_model
 from runtime import checkpoint as ckpt
 from runtime.errors import UserError
 from runtime.files import atomic_write_text
@@ -111,9 +112,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     rank, world, device = sess.rank, sess.world_size, sess.device
     torch.set_num_threads(cfg.trainer.torch_threads or max(1, (os.cpu_count() or 1) // world))
     out = Path(cfg.output_dir)
-    on_gpu = device.type == "cuda"
-    use_bf16 = p.precision == "bf16" or (p.precision == "auto" and on_gpu)
-    channels_last = on_gpu if p.channels_last is None else p.channels_last
 
     # ---- data: train + unlabeled, the same number of batches on every rank (else the all-gather hangs)
     manifest = read_manifest(cfg.data.shards)
@@ -128,6 +126,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(p.seed)
     model = build_model(cfg.model, in_chans=int(manifest["channels"])).to(device)
     model = convert_sync_batchnorm(model, cfg.model.sync_batchnorm, device)
+    # auto/null: bf16 autocast + channels_last on GPUs and on CPUs with native bf16 where a probe step of this
+    # model at this size works (pretrain/precision.py); fp32 otherwise
+    use_bf16, channels_last = resolve_for_model(p.precision, p.channels_last, model, int(manifest["channels"]),
+                                                cfg.data.image_size or int(manifest["image_size"]), device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
