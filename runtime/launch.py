@@ -426,8 +426,12 @@ def init_ray(cfg: Any) -> bool:
     # custom resources the workers ask for exist on the private cluster too, or nothing could be scheduled
     resources = {k: v * max(1, t.num_workers) for k, v in custom_resources(t).items()}
     try:
+        # worker_niceness 0: Ray starts its worker processes at nice 15 by default, so that any other process
+        # (its own GCS, raylet and dashboard included) takes their cores first; measured on 2 cores, that was
+        # the gap between a Ray Train worker and the same steps in-process (bench/README.md, `ray`). On the
+        # private cluster the workers are the job: they run at the driver's priority.
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                 include_dashboard=True,
+                 _system_config={"worker_niceness": 0}, include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=free_port(), _node_ip_address="127.0.0.1",
                  log_to_driver=True, **_ray_logging(), runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
     finally:
