@@ -20,7 +20,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="crop size (default: 32, or the shards' size)")
     p.add_argument("--batch", type=int, default=256, help="global batch of source images (two views each)")
     p.add_argument("--parts", default="loader,decode,model,end_to_end,ray,scaling",
-                   help="comma list of sections to run (also: memory, not run by default)")
+                   help="comma list of sections to run (also: memory and reference_e2e, not run by default)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--shards", default=None, help="shards dir to read (default: write CIFAR-like shards to a temp dir)")
@@ -30,11 +30,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-threads", type=int, default=1,
                    help="torch threads of the loader section's main process (1: a per-core comparison)")
     p.add_argument("--decode-images", type=int, default=1000, help="images per timed decode repeat")
+    p.add_argument("--e2e-epochs", type=int, default=5,
+                   help="reference_e2e: epochs each side trains before the kNN accuracy (default 5)")
     p.add_argument("--memory-sizes", default="10000,100000",
                    help="memory part: image counts of the synthetic folders, comma list (default 10000,100000)")
     p.add_argument("--memory-classes", type=int, default=100, help="memory part: classes of the folders (default 100)")
     p.add_argument("--memory-dir", default=None,
                    help="memory part: keep its folders, shards, runs and logs here (default: a temp dir, removed)")
+    p.add_argument("--note", default=None,
+                   help="a line on the machine and its load, kept in bench.json's meta and the README block")
     p.add_argument("--out", default="bench.json", help="where to write the figures (default ./bench.json)")
 
 
@@ -46,12 +50,13 @@ def bench_main(args: argparse.Namespace) -> int:
     from bench.run import BENCH_DEFAULTS, PARTS
     from runtime.config import load_config
 
+    load_start = [round(x, 2) for x in os.getloadavg()]
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise UserError(f"--parts {args.parts!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; "
                         f"choose from {','.join(PARTS)}")
-    for name in ("batch", "repeats", "threads", "images", "loader_batches", "decode_images", "loader_threads"):
+    for name in ("batch", "repeats", "threads", "images", "loader_batches", "decode_images", "loader_threads", "e2e_epochs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -85,6 +90,9 @@ def bench_main(args: argparse.Namespace) -> int:
                                          log=lambda s: print(s, flush=True))
         results["meta"]["wall_s"] = results["meta"].get("wall_s", 0) + time.perf_counter() - t0
     results["meta"]["load_average"] = [round(x, 2) for x in os.getloadavg()]  # 1, 5, 15 min: how busy it was
+    results["meta"]["load_average_start"] = load_start
+    if args.note:
+        results["meta"]["note"] = args.note
     out = write_json(results, args.out)
     print(table(results))
     print(f"wrote {out}")
@@ -126,7 +134,7 @@ def _run_parts(args: Any, cfg: Any, parts: list[str], loader_workers: list[int])
         b = Bench(cfg=cfg, shards=shards, manifest=manifest, image_size=image_size, batch=args.batch,
                   repeats=args.repeats, threads=threads, device=pick_device(), loader_workers=loader_workers,
                   loader_batches=args.loader_batches, decode_images=args.decode_images,
-                  loader_threads=args.loader_threads)
+                  loader_threads=args.loader_threads, e2e_epochs=args.e2e_epochs)
         results = run_bench(b, parts, log=lambda s: print(s, flush=True))
     finally:
         if made:

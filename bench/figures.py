@@ -23,9 +23,12 @@ README = Path(__file__).with_name("README.md")
 def block(r: dict, source: str) -> str:
     m = r.get("meta", {})
     parts = [f"started {m['started']}" if m.get("started") else "", f"{m['cpu_count']} cores" if m.get("cpu_count") else "",
+             f"load average at the start {m['load_average_start']}" if m.get("load_average_start") else "",
              f"load average at the end {m['load_average']}" if m.get("load_average") else ""]
     machine = ", ".join(p for p in parts if p)
     head = f"From `{source}`" + (f" ({machine})" if machine else "") + ":"
+    if m.get("note"):
+        head += f"\n\n{m['note']}"
     return f"{head}\n\n```\n{table(r).rstrip()}\n```\n"
 
 

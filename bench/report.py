@@ -51,6 +51,16 @@ def table(r: dict) -> str:
         add("ray", "in-process (--local)", y["local_images_per_s"], "img/s")
         add("ray", "launch to first step, Ray (incl. cluster start)", y["ray_launch_to_first_step_s"], "s")
         add("ray", "launch to first step, --local", y["local_launch_to_first_step_s"], "s")
+        if "nice15_images_per_s" in y:
+            add("ray", "ratio Ray / in-process", y["ratio"], "x")
+            add("ray", "Ray Train, 1 worker at Ray's default nice 15", y["nice15_images_per_s"], "img/s")
+            add("ray", "ratio nice 15 / in-process", y["nice15_ratio"], "x")
+        if "ray_launch_after_init_s" in y:
+            add("ray", f"launch to first step, Ray, after ray.init ({y['ray_init_s']:.3g} s)",
+                y["ray_launch_after_init_s"], "s")
+            add("ray", "launch ratio Ray (after ray.init) / --local", y["launch_ratio"], "x")
+            add("ray", "per-epoch report: metrics only / with checkpoint", y["report_s"],
+                f"s / {y['checkpoint_report_s']:.3g} s (step {y['step_s']:.3g} s)")
     if "scaling" in r:
         s = r["scaling"]
         if "skipped" in s:
@@ -59,6 +69,22 @@ def table(r: dict) -> str:
             add("scaling", f"1 worker x {s['threads_per_worker_1']} threads", s["workers_1_images_per_s"], "img/s")
             add("scaling", f"2 workers x {s['threads_per_worker_2']} threads", s["workers_2_images_per_s"], "img/s")
             add("scaling", f"speedup on {s['cores']} cores", s["speedup"], "x")
+        for gb, n in s.get("ntxent", {}).items():
+            for w in (2, 4):
+                if f"world_{w}_efficiency" in n:
+                    add("scaling", f"gathered NT-Xent, global batch {gb}, {w} ranks x 1 thread: efficiency",
+                        n[f"world_{w}_efficiency"], f"(step {n[f'world_{w}_step_s'] * 1000:.3g} ms, 1 rank "
+                        f"{n['world_1_step_s'] * 1000:.3g} ms)")
+    if "reference_e2e" in r:
+        e = r["reference_e2e"]
+        how = f"{e['epochs']} epochs, batch {e['batch']}, {e['threads']} threads"
+        add("reference_e2e", f"ours ({e['ours_precision']}{', channels_last' if e['ours_channels_last'] else ''}), {how}",
+            e["ours"]["images_per_s"], "img/s")
+        add("reference_e2e", f"lightly's recipe ({e['reference_precision']}), {how}", e["reference"]["images_per_s"],
+            "img/s")
+        add("reference_e2e", "ratio ours/reference", e["ratio"], "x")
+        rows.append(("reference_e2e", "kNN accuracy ours / reference",
+                     f"{e['ours']['knn_acc']:.3f} / {e['reference']['knn_acc']:.3f}"))
     if "memory" in r:
         from bench.memory import memory_rows
 

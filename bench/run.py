@@ -42,7 +42,7 @@ import torch
 
 from runtime.errors import UserError
 
-PARTS = ("loader", "decode", "model", "end_to_end", "ray", "scaling", "memory")
+PARTS = ("loader", "decode", "model", "end_to_end", "ray", "scaling", "memory", "reference_e2e")
 # Without --config the bench measures the issue's reference setting: CIFAR-like 32 px shards, ResNet-18 at
 # full width with the small stem, the `small` (CIFAR) augmentation preset.
 BENCH_DEFAULTS = ["model.name=resnet18", "model.timm_kwargs={}", "model.stem=small", "augment.preset=small",
@@ -97,6 +97,7 @@ class Bench:
     # when other processes oversubscribe the cores (measured: 5x slower with 2 threads under load 12).
     loader_threads: int = 1
     decode_images: int = 1000
+    e2e_epochs: int = 5  # reference_e2e: epochs each side trains
     warmup: int = 1
     splits: tuple[str, ...] = ("train", "unlabeled")
 
@@ -106,13 +107,17 @@ class Bench:
 
     @property
     def bf16(self) -> bool:
-        p = self.cfg.pretrain.precision
-        return p == "bf16" or (p == "auto" and self.device.type == "cuda")
+        from pretrain.precision import resolve_precision
+
+        p = self.cfg.pretrain
+        return resolve_precision(p.precision, p.channels_last, self.device)[0]
 
     @property
     def channels_last(self) -> bool:
-        cl = self.cfg.pretrain.channels_last
-        return self.device.type == "cuda" if cl is None else bool(cl)
+        from pretrain.precision import resolve_precision
+
+        p = self.cfg.pretrain
+        return resolve_precision(p.precision, p.channels_last, self.device)[1]
 
 
 # ------------------------------------------------------------------ shards
@@ -236,7 +241,7 @@ def reference_batches(b: Bench, workers: int) -> Iterator[int]:
     urls = [shard_url(b.shards, rel) for s in b.splits if s in b.manifest["splits"]
             for rel in b.manifest["splits"][s]["shards"]]
     transform = reference_transform(b)
-    ds = (wds.WebDataset(urls, repeat=True, shardshuffle=False, empty_check=False)
+    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat()  # webdataset 1.0: repeat=True ends after one pass
           .shuffle(b.cfg.data.shuffle_buffer).decode("pil").to_tuple("png;jpg;jpeg;webp", "cls")
           .map_tuple(transform, int))
     dl = torch.utils.data.DataLoader(ds, batch_size=b.batch, num_workers=workers,
@@ -380,7 +385,10 @@ def steps_loop(config: dict) -> dict:
 
     sess = session()
     b: Bench = config["bench"]
+    if config.get("niceness"):  # the `ray` section's measurement of Ray's default worker priority (nice 15)
+        os.nice(max(0, config["niceness"] - os.nice(0)))
     torch.set_num_threads(config["threads"])
+    worker = worker_settings()
     b.device = sess.device
     world = sess.world_size
     views = our_batches(b, b.cfg.data.loader_workers, b.batch // world, sess.rank, world)
@@ -403,11 +411,44 @@ def steps_loop(config: dict) -> dict:
                 step(v1, v2)
                 model_s.append(time.perf_counter() - t3)
     views.close()
-    return {"step_s": step_s, "data_s": data_s, "model_s": model_s, "first_step_at": first_step_at,
-            "world_size": world, "threads": config["threads"]}
+    out = {"step_s": step_s, "data_s": data_s, "model_s": model_s, "first_step_at": first_step_at,
+           "world_size": world, "threads": config["threads"], "worker": worker}
+    if config.get("time_reports"):
+        out["report_s"], out["checkpoint_report_s"] = _time_reports(sess, step)
+    return out
 
 
-def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, model_only: bool = False) -> dict:
+def worker_settings() -> dict:
+    """What the process running the steps was given: thread counts, OpenMP/MKL variables, CPU affinity, nice."""
+    return {"torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_PROC_BIND")},
+            "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "nice": os.nice(0)}
+
+
+def _time_reports(sess: Any, step: Step, repeats: int = 3) -> tuple[float, float]:
+    """Median seconds of a metrics-only `report` and of a report with the model's checkpoint (weights and
+    optimiser, as the training loop hands over once per epoch)."""
+    from runtime import checkpoint as ckpt
+
+    plain, with_ckpt = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        sess.report({"bench_report": i})
+        plain.append(time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory(prefix="selfsup-bench-ckpt-") as tmp:
+            t0 = time.perf_counter()
+            if sess.rank == 0:
+                ckpt.save_checkpoint(tmp, model_state=step.model.state_dict(),
+                                     optimizer_state=step.optimizer.state_dict(), meta={"epoch": i + 1})
+            sess.report({"bench_report": i}, checkpoint_dir=tmp if sess.rank == 0 else None,
+                        dir_name=ckpt.checkpoint_dir_name(i + 1))
+            with_ckpt.append(time.perf_counter() - t0)
+    return median(plain), median(with_ckpt)
+
+
+def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, model_only: bool = False,
+               **extra: Any) -> dict:
     """`steps_loop` in-process (workers=0) or on `workers` Ray Train workers; figures for the whole batch."""
     from runtime.launch import run_training
 
@@ -424,13 +465,15 @@ def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, m
     if cfg.trainer.use_gpu and workers:
         cfg.trainer.resources_per_worker["GPU"] = 1
     launched = started if started is not None else time.time()
-    r = run_training(steps_loop, {"bench": b, "threads": threads, "model_only": model_only}, cfg, local=workers == 0,
+    r = run_training(steps_loop, {"bench": b, "threads": threads, "model_only": model_only, **extra}, cfg,
+                     local=workers == 0,
                      name=f"bench-{workers or 'local'}-{int(time.time() * 1000)}")
     step = median(r["step_s"])
     return {"workers": max(1, workers), "threads_per_worker": threads, "images_per_s": b.batch / step,
             "steps_per_s": 1 / step, "data_s": median(r["data_s"]),
             "launch_to_first_step_s": r["first_step_at"] - launched, "runs_s": r["step_s"],
-            "model_runs_s": r["model_s"], "data_runs_s": r["data_s"]}
+            "model_runs_s": r["model_s"], "data_runs_s": r["data_s"], "worker": r["worker"],
+            **{k: r[k] for k in ("report_s", "checkpoint_report_s") if k in r}}
 
 
 # ------------------------------------------------------------------ running
@@ -466,7 +509,7 @@ def run_bench(b: Bench, parts: list[str], log: Callable[[str], None] = print) ->
             results["model"] = {"images_per_s": b.batch / median(model_runs), "steps_per_s": 1 / median(model_runs),
                                 "views_per_step": 2 * b.batch, "runs_s": model_runs,
                                 "measured": "alternating with end_to_end steps, same process and model"}
-            e2e = dict(local)
+            e2e = {k: v for k, v in local.items() if k != "worker"}  # the process's settings: in `ray`
             # per pair of neighbouring steps (end-to-end, then model-only on the same views), then the median:
             # a pair shares the machine's load of the moment, which on a shared machine drifts by 2x in minutes
             pairs = [m / s for m, s in zip(model_runs, e2e["runs_s"])]
@@ -478,6 +521,11 @@ def run_bench(b: Bench, parts: list[str], log: Callable[[str], None] = print) ->
             results["end_to_end"] = e2e
         if {"ray", "scaling"} & set(parts):
             results.update(_ray_parts(b, parts, local, tmp, log))
+            torch.set_num_threads(b.threads)
+        if "reference_e2e" in parts:
+            from bench.e2e import bench_reference_e2e
+
+            results["reference_e2e"] = bench_reference_e2e(b, b.e2e_epochs, log)
             torch.set_num_threads(b.threads)
     finally:
         if ray.is_initialized():
@@ -500,29 +548,51 @@ def _ray_parts(b: Bench, parts: list[str], local: dict | None, tmp: str, log: Ca
     init_ray(cfg)
     ray_init_s = time.time() - launched
     log("ray: 1 worker ...")
-    one = _run_steps(b, 1, tmp, started=launched)
+    one = _run_steps(b, 1, tmp, started=launched, time_reports="ray" in parts)
     if "ray" in parts:
+        after_init = one["launch_to_first_step_s"] - ray_init_s
         out["ray"] = {
             "ray_images_per_s": one["images_per_s"], "local_images_per_s": local["images_per_s"],
             "ratio": one["images_per_s"] / local["images_per_s"],
             "ray_launch_to_first_step_s": one["launch_to_first_step_s"], "ray_init_s": ray_init_s,
+            "ray_launch_after_init_s": after_init,
             "local_launch_to_first_step_s": local["launch_to_first_step_s"],
+            "launch_ratio": after_init / local["launch_to_first_step_s"],
             "ray_runs_s": one["runs_s"], "local_runs_s": local["runs_s"],
+            # the candidate causes, measured: what each process was given, and the per-epoch report costs
+            "ray_worker": one["worker"], "local_worker": local["worker"],
+            "report_s": one["report_s"], "checkpoint_report_s": one["checkpoint_report_s"],
+            "step_s": median(one["runs_s"]),
         }
     if "scaling" in parts:
+        from bench.ntxent import gathered_ntxent
+
+        # the loss with gathered negatives alone, on 1, 2 and 4 CPU processes: at the bench's batch and at a
+        # 16x larger one (the large-batch regime SimCLR is run in)
+        log("scaling: gathered NT-Xent at 2 and 4 ranks ...")
+        ntxent = {str(gb): gathered_ntxent((2, 4), gb) for gb in (b.batch, 16 * b.batch)}
         gpus = torch.cuda.device_count() if b.device.type == "cuda" else 0
         if b.device.type == "cuda" and gpus < 2:
-            out["scaling"] = {"skipped": f"2 workers need 2 GPUs, this machine has {gpus}"}
+            out["scaling"] = {"skipped": f"2 workers need 2 GPUs, this machine has {gpus}", "ntxent": ntxent}
             return out
         log("scaling: 2 workers ...")
         two = _run_steps(b, 2, tmp)
-        out["scaling"] = {
+        out["scaling"] = {"ntxent": ntxent,
             "cores": os.cpu_count(), "workers_1_images_per_s": one["images_per_s"],
             "workers_2_images_per_s": two["images_per_s"], "speedup": two["images_per_s"] / one["images_per_s"],
             "threads_per_worker_1": one["threads_per_worker"], "threads_per_worker_2": two["threads_per_worker"],
             "workers_2_launch_to_first_step_s": two["launch_to_first_step_s"],
             "workers_1_runs_s": one["runs_s"], "workers_2_runs_s": two["runs_s"],
         }
+    if "ray" in parts:
+        # last: the same worker at Ray's default priority (nice 15, what every Ray worker got before
+        # runtime.launch set worker_niceness=0), to show what that cost
+        log("ray: 1 worker at Ray's default nice 15 ...")
+        nice = _run_steps(b, 1, tmp, niceness=15)
+        out["ray"]["nice15_images_per_s"] = nice["images_per_s"]
+        out["ray"]["nice15_ratio"] = nice["images_per_s"] / local["images_per_s"]
+        out["ray"]["nice15_runs_s"] = nice["runs_s"]
+        out["ray"]["nice15_worker"] = nice["worker"]
     return out
 
 
