@@ -102,7 +102,7 @@ def _reference(cfg: Any, b: Any, steps_per_epoch: int) -> dict:
     urls = [shard_url(b.shards, rel) for s in ("train", "unlabeled") if s in b.manifest["splits"]
             for rel in b.manifest["splits"][s]["shards"]]
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat()  # webdataset 1.0: repeat=True ends after one pass
-          .shuffle(cfg.data.shuffle_buffer).decode("pil").to_tuple("png;jpg;jpeg;webp", "cls")
+          .shuffle(cfg.data.shuffle_buffer).decode("pill" if b.channels == 1 else "pil").to_tuple("png;jpg;jpeg;webp", "cls")
           .map_tuple(reference_transform(b), int))
     loader = torch.utils.data.DataLoader(ds, batch_size=b.batch, num_workers=cfg.data.loader_workers,
                                          drop_last=True, pin_memory=b.device.type == "cuda")

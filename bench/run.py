@@ -242,7 +242,7 @@ def reference_batches(b: Bench, workers: int) -> Iterator[int]:
             for rel in b.manifest["splits"][s]["shards"]]
     transform = reference_transform(b)
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat()  # webdataset 1.0: repeat=True ends after one pass
-          .shuffle(b.cfg.data.shuffle_buffer).decode("pil").to_tuple("png;jpg;jpeg;webp", "cls")
+          .shuffle(b.cfg.data.shuffle_buffer).decode("pill" if b.channels == 1 else "pil").to_tuple("png;jpg;jpeg;webp", "cls")
           .map_tuple(transform, int))
     dl = torch.utils.data.DataLoader(ds, batch_size=b.batch, num_workers=workers,
                                      pin_memory=b.device.type == "cuda")
