@@ -135,9 +135,10 @@ def summary_sentences(report: dict[str, Any]) -> list[str]:
 
 
 SEMI_METHODS = {
-    "distill": ("`distill`: SimCLRv2-style distillation on the unlabeled pool, taught by label spreading over the "
-                "encoder's features blended with the model's own predictions (the default: on digits it gained more "
-                "than FixMatch for about the same compute)"),
+    "distill": ("`distill`: SimCLRv2-style distillation on the unlabeled pool, taught by class-balanced label "
+                "spreading over the encoder's features blended with the model's own predictions, fit to the head on "
+                "cached backbone features and then for `finetune.semi_epochs` passes to the whole network (the "
+                "default: on digits it gained more than FixMatch for less compute)"),
     "fixmatch": "`fixmatch`: FixMatch on the unlabeled shards (confident weak-view pseudo-labels for strong views)",
 }
 
