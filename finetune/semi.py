@@ -66,14 +66,16 @@ def propagate(features: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num
     return out
 
 
-def knn_graph(features: np.ndarray, k: int, power: float = 3.0, chunk: int = 2048):
+def knn_graph(features: np.ndarray, k: int, power: float = 3.0, max_block: int = 2 ** 24):
     """D^-1/2 W D^-1/2 for W the symmetrised kNN graph (W + W^T) of the L2-normalised features, weighted by
-    max(cos, 0)**power; built in row chunks, so memory is O(n k), not O(n^2)."""
+    max(cos, 0)**power; built in row chunks of at most `max_block` similarities (64 MiB), so memory is
+    O(n k), not O(n^2)."""
     from scipy import sparse
 
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     x = F.normalize(x, dim=1)
     n = len(x)
+    chunk = max(1, min(n, max_block // max(1, n)))
     rows, cols, vals = [], [], []
     for i in range(0, n, chunk):
         sim = x[i:i + chunk] @ x.T

@@ -134,6 +134,17 @@ def test_label_spreading_keeps_each_class_share_of_the_labels(data):
     assert np.allclose(unbalanced.sum(1), 1, atol=1e-5) and (unbalanced[labeled].argmax(1) == y[labeled]).all()
 
 
+def test_knn_graph_is_the_same_built_in_small_blocks():
+    """The spreading graph is built in row blocks (bounded memory on large pools): blocks of 7 similarities give
+    the same symmetric, normalised graph as one block."""
+    from finetune.semi import knn_graph
+
+    x = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    whole, blocks = knn_graph(x, 5), knn_graph(x, 5, max_block=7)
+    assert abs(whole - blocks).max() < 1e-6
+    assert abs(whole - whole.T).max() < 1e-9 and whole.diagonal().max() == 0
+
+
 def test_distill_head_epochs_fit_the_head_to_the_teacher_on_cached_features(data):
     """`head_epochs` alone (no pass of the whole network): the backbone is untouched, and the classifier then
     agrees with the teacher on more of the pool than before."""
