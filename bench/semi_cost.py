@@ -1,7 +1,9 @@
 """CPU seconds of one digits `semi` run, the former default against the current one, side by side.
 
     python -m bench.semi_cost ENCODER_RUN SHARDS --out bench/results/semi_cost.json
+    python -m bench.semi_cost --stage BEFORE_RUN AFTER_RUN --out bench/results/semi_stage.json
     python -m bench.semi_cost --json bench/results/semi_cost.json --section semi-cost   # bench/README.md's table
+    python -m bench.semi_cost --json bench/results/semi_stage.json --section semi-stage
 
 In one process with one torch thread, for labeled subset 0 at each labeled fraction: the fine-tuning `semi`
 starts from, then the former `distill` (scikit-learn LabelSpreading, k=10, alpha 0.8, 10 passes of the whole
@@ -9,6 +11,11 @@ network over the pool) and the current one (`finetune.semi.propagate` with the c
 head on cached features for `distill_head_epochs`, `semi_epochs` passes), each from a copy of the same
 fine-tuned model. Times are CPU seconds of this process (`time.process_time`), so other work on the machine
 changes them little; test accuracy is printed beside them.
+
+`--stage`: two `selfsup finetune` output dirs that ran at the same time on the same encoder and shards (so
+under the same load), before and after: per method the summed run seconds (`compute_s` of report.json) and
+accuracy, and each stage's wall time (`stage_s`: from finetune.config.yaml, written as the stage starts, to
+report.json, written last).
 """
 
 from __future__ import annotations
@@ -38,8 +45,31 @@ def old_propagate(features, labeled, labels, num_classes, k=10, alpha=0.8):
     return out
 
 
+def stage(run_dir: str) -> dict:
+    d = Path(run_dir)
+    report = json.loads((d / "report.json").read_text())
+    return {"run": str(d), "stage_s": round((d / "report.json").stat().st_mtime - (d / "finetune.config.yaml").stat().st_mtime, 1),
+            "compute_s": report["compute_s"],
+            "accuracy": {f"{r['method']}@{r['label_fraction']:g}": [round(r["accuracy_mean"], 4), round(r["accuracy_std"], 4)]
+                         for r in report["results"]}}
+
+
+def stage_table(r: dict) -> str:
+    b, a = r["before"], r["after"]
+    lines = [f"From `bench/results/semi_stage.json` (both stages at once on one encoder, 2 cores shared with other "
+             f"work, load average at the end {r.get('load_average')}: compare the columns, not the seconds with "
+             "other tables). Run seconds per method (summed over its runs; `semi` includes the fine-tuning it "
+             "starts from):", "", "| method | before (s) | after (s) |", "|---|---|---|"]
+    for m in b["compute_s"]:
+        lines.append(f"| `{m}` | {b['compute_s'][m]} | {a['compute_s'].get(m, '')} |")
+    lines.append(f"| whole stage, wall | {b['stage_s']} | {a['stage_s']} ({a['stage_s'] / b['stage_s']:.2f}x) |")
+    return "\n".join(lines) + "\n"
+
+
 def table(r: dict) -> str:
     """bench/README.md's table from a JSON this script wrote."""
+    if "before" in r:
+        return stage_table(r)
     lines = [f"From `bench/results/semi_cost.json` (pool of {r['pool']} images, load average at the end "
              f"{r.get('load_average')}; CPU seconds of one process, one thread; encoding the pool once: "
              f"{r['encode_pool_cpu_s']} s). Former: {r['former']}; current: {r['current']}.", "",
@@ -60,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("encoder", nargs="?")
     p.add_argument("shards", nargs="?")
     p.add_argument("--out", default=None, help="write the figures to this JSON")
+    p.add_argument("--stage", nargs=2, default=None, metavar=("BEFORE_RUN", "AFTER_RUN"),
+                   help="compare two fine-tuning stages that ran side by side")
     p.add_argument("--json", default=None, help="with --section: the JSON to fill the README block from")
     p.add_argument("--section", default=None, help="fill this `<!-- figures:NAME -->` block of --readme")
     p.add_argument("--readme", default=str(Path(__file__).with_name("README.md")))
     args = p.parse_args(argv)
     if args.encoder and args.shards:
         measure(args)
+    if args.stage:
+        data = {"before": stage(args.stage[0]), "after": stage(args.stage[1]),
+                "load_average": [round(v, 2) for v in os.getloadavg()]}
+        Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
     if args.section:
         from runtime.files import fill_marked_block
 

@@ -179,3 +179,7 @@ def test_semi_cost_figures_fill_the_readme_block_from_its_json(tmp_path):
     for run in r["runs"]:
         assert f"| {run['semi_cpu_ratio_current_over_former']} |" in text
     assert semi_cost.table(r) in (src.parents[1] / "README.md").read_text()  # the shipped table is this JSON's
+    stage = json.loads((src.parent / "semi_stage.json").read_text())
+    text = semi_cost.table(stage)
+    assert "| whole stage, wall |" in text and f"| `semi` | {stage['before']['compute_s']['semi']} |" in text
+    assert text in (src.parents[1] / "README.md").read_text()
