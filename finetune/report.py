@@ -45,7 +45,9 @@ MIN_TEST_SAMPLES_FOR_VERDICT = 30
 
 def comparisons(rows: list[dict], test_samples: int | None = None) -> list[dict[str, Any]]:
     """Per labeled fraction below 1: the best of finetune/semi against each baseline, with the margin in
-    units of the larger of the two standard deviations (the product's claim is margin > 2 of them). With
+    units of the larger of the two standard deviations (the product's claim is margin > 2 of them).
+    `std_exceeds_margin` flags a lead smaller than that standard deviation (per baseline, and the list of
+    such baselines per fraction): the method's spread over labeled subsets is larger than what it gains. With
     fewer than 2 seeds on either side there is no standard deviation to speak of: the verdict is None. It is
     never claimed on fewer than MIN_TEST_SAMPLES_FOR_VERDICT test images (then `too_few_test_samples`)."""
     too_few = test_samples is not None and test_samples < MIN_TEST_SAMPLES_FOR_VERDICT
@@ -63,10 +65,13 @@ def comparisons(rows: list[dict], test_samples: int | None = None) -> list[dict[
             testable = min(best["seeds"], b["seeds"]) >= MIN_SEEDS
             against[b["method"]] = {"margin": margin, "std": spread if testable else None,
                                     "beats_by_2std": bool(margin > 2 * spread and margin > 0 and not too_few)
-                                    if testable else None}
+                                    if testable else None,
+                                    # the spread over labeled subsets is larger than the lead itself
+                                    "std_exceeds_margin": bool(spread > margin) if testable else None}
         verdicts = [a["beats_by_2std"] for a in against.values()]
         out.append({"label_fraction": f, "labels": best["labels"], "best": best["method"],
-                    "accuracy_mean": best["accuracy_mean"], "against": against,
+                    "accuracy_mean": best["accuracy_mean"], "accuracy_std": best["accuracy_std"], "against": against,
+                    "std_exceeds_margin": sorted(m for m, a in against.items() if a["std_exceeds_margin"]),
                     "beats_all_baselines_by_2std": None if None in verdicts else all(verdicts),
                     **({"too_few_test_samples": True} if too_few else {})})
     return out
@@ -105,6 +110,11 @@ def summary_sentences(report: dict[str, Any]) -> list[str]:
             f"{c['accuracy_mean'] * 100:.1f}% against {b['accuracy_mean'] * 100:.1f}% for the best baseline "
             f"(`{base}`): {a['margin'] * 100:+.1f} points, {verdict}."
         )
+        for m in c.get("std_exceeds_margin", []):
+            am = c["against"][m]
+            out.append(f"Flag: at {_pct(c['label_fraction'])} the spread over labeled subsets (std "
+                       f"{am['std'] * 100:.1f} points) is larger than `{c['best']}`'s margin over `{m}` "
+                       f"({am['margin'] * 100:+.1f} points): that lead is not reliable.")
     full = [r for r in rows if r["label_fraction"] >= 1]
     few = [r for r in rows if r["label_fraction"] < 1 and r["method"] in PRETRAINED]
     if full and few:
@@ -125,9 +135,10 @@ def summary_sentences(report: dict[str, Any]) -> list[str]:
 
 
 SEMI_METHODS = {
-    "distill": ("`distill`: SimCLRv2-style distillation on the unlabeled pool, taught by label spreading over the "
-                "encoder's features blended with the model's own predictions (the default: on digits it gained more "
-                "than FixMatch for about the same compute)"),
+    "distill": ("`distill`: SimCLRv2-style distillation on the unlabeled pool, taught by class-balanced label "
+                "spreading over the encoder's features blended with the model's own predictions, fit to the head on "
+                "cached backbone features and then for `finetune.semi_epochs` passes to the whole network (the "
+                "default: on digits it gained more than FixMatch for less compute)"),
     "fixmatch": "`fixmatch`: FixMatch on the unlabeled shards (confident weak-view pseudo-labels for strong views)",
 }
 

@@ -117,7 +117,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                     stats = distill(model, pool["images"], soft, labeled, pool_y, augs["mild"],
                                     rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
                                     lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,
-                                    rank=rank, world_size=world, device=device)
+                                    rank=rank, world_size=world, device=device, head_epochs=ft.distill_head_epochs)
                 elif method == "semi":
                     loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],
                                          batch_size=max(1, config["unlabeled_batch"] // world), rank=rank,

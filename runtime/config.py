@@ -220,11 +220,14 @@ class FinetuneConfig:
     semi_method: Literal["distill", "fixmatch"] = _opt(
         "distill", "distill: label spreading on the encoder's features, distilled into the fine-tuned model; "
         "fixmatch: FixMatch, streaming the unlabeled shards")
-    semi_epochs: int = _opt(10, "passes over the unlabeled pool (distill: per round) or stream (fixmatch)")
+    semi_epochs: int = _opt(0, "passes over the unlabeled pool (distill: per round, of the whole network; 0: the "
+                                "head only) or stream (fixmatch)")
     semi_lr: float = _opt(0.05, "learning rate of the semi-supervised methods")
     distill_rounds: int = _opt(1, "distill: rounds; > 1 distils again, blending with the last student")
-    spread_k: int = _opt(10, "distill: neighbours in label spreading's kNN graph")
-    spread_alpha: float = _opt(0.8, "distill: label spreading's clamping (0 keeps the labels, 1 takes all "
+    distill_head_epochs: int = _opt(20, "distill: passes of the classifier's head over the backbone's features "
+                                        "of the pool (computed once) before the semi_epochs passes; 0: none")
+    spread_k: int = _opt(5, "distill: neighbours in label spreading's kNN graph")
+    spread_alpha: float = _opt(0.95, "distill: label spreading's clamping (0 keeps the labels, 1 takes all "
                                      "from neighbours)")
     unlabeled_pool: int = _opt(50000, "distill: at most this many train and as many unlabeled images in memory "
                                       "(seeded samples; 0: the labeled images only)")
@@ -261,6 +264,7 @@ class FinetuneConfig:
         _non_negative("finetune.semi_epochs", self.semi_epochs)
         _positive("finetune.fixmatch_unlabeled_ratio", self.fixmatch_unlabeled_ratio)
         _positive("finetune.distill_rounds", self.distill_rounds)
+        _non_negative("finetune.distill_head_epochs", self.distill_head_epochs)
         _positive("finetune.spread_k", self.spread_k)
         if not 0 < self.spread_alpha < 1:
             raise UserError(f"finetune.spread_alpha must be in (0, 1), got {self.spread_alpha}")

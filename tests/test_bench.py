@@ -198,3 +198,25 @@ def test_bench_figures_fill_the_readme_block_from_bench_json(tmp_path):
     assert "old figures" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "1,234 img/s" in text and "567 img/s" in text and "2 cores" in text and "[0.5, 0.4, 0.3]" in text
     assert figures.main([str(src), "--section", "memory", "--readme", str(readme)]) == 2  # no such block: one line
+
+
+def test_semi_cost_figures_fill_the_readme_block_from_its_json(tmp_path):
+    """bench/README.md's semi-cost table comes from bench/results/semi_cost.json, never typed by hand."""
+    from pathlib import Path
+
+    from bench import semi_cost
+
+    src = Path(__file__).resolve().parents[1] / "bench" / "results" / "semi_cost.json"
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- figures:semi-cost -->\nold\n<!-- /figures:semi-cost -->\ny\n")
+    assert semi_cost.main(["--json", str(src), "--section", "semi-cost", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    r = json.loads(src.read_text())
+    assert "old" not in text and text.startswith("x\n") and text.rstrip().endswith("y")
+    for run in r["runs"]:
+        assert f"| {run['semi_cpu_ratio_current_over_former']} |" in text
+    assert semi_cost.table(r) in (src.parents[1] / "README.md").read_text()  # the shipped table is this JSON's
+    stage = json.loads((src.parent / "semi_stage.json").read_text())
+    text = semi_cost.table(stage)
+    assert "| whole stage, wall |" in text and f"| `semi` | {stage['before']['compute_s']['semi']} |" in text
+    assert text in (src.parents[1] / "README.md").read_text()

@@ -119,6 +119,59 @@ def test_label_spreading_carries_two_labels_per_class_to_the_whole_pool(data):
     assert (soft[seen].argmax(1) == y[seen]).mean() > 0.8  # raw pixels, 16 labels; chance is 1/8
 
 
+def test_label_spreading_keeps_each_class_share_of_the_labels(data):
+    """Class-balanced spreading: with stratified labels (2 per class) no class takes much more or less of the
+    pool than its share of the labels (a tenth each here), on raw pixels of the digits train split."""
+    from finetune.semi import propagate
+
+    images, labels, _ = load_split(str(data["shards"]), "train")
+    x = images.reshape(len(images), -1).float().numpy()
+    y = labels.numpy()
+    labeled = np.concatenate([np.flatnonzero(y == c)[:2] for c in range(10)])
+    share = np.bincount(propagate(x, labeled, y[labeled], num_classes=10).argmax(1), minlength=10) / len(x)
+    assert share.min() > 0.06 and share.max() < 0.14
+    unbalanced = propagate(x, labeled, y[labeled], num_classes=10, balance=False)
+    assert np.allclose(unbalanced.sum(1), 1, atol=1e-5) and (unbalanced[labeled].argmax(1) == y[labeled]).all()
+
+
+def test_knn_graph_is_the_same_built_in_small_blocks():
+    """The spreading graph is built in row blocks (bounded memory on large pools): blocks of 7 similarities give
+    the same symmetric, normalised graph as one block."""
+    from finetune.semi import knn_graph
+
+    x = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    whole, blocks = knn_graph(x, 5), knn_graph(x, 5, max_block=7)
+    assert abs(whole - blocks).max() < 1e-6
+    assert abs(whole - whole.T).max() < 1e-9 and whole.diagonal().max() == 0
+
+
+def test_distill_head_epochs_fit_the_head_to_the_teacher_on_cached_features(data):
+    """`head_epochs` alone (no pass of the whole network): the backbone is untouched, and the classifier then
+    agrees with the teacher on more of the pool than before."""
+    import copy
+
+    from finetune import classifier as clf
+    from finetune.semi import distill, propagate
+    from pretrain.model import load_encoder
+
+    images, labels, _ = load_split(str(data["shards"]), "train")
+    images, labels = images[:400], labels[:400].numpy()
+    backbone, head, meta = load_encoder(data["encoder"], with_head=True)
+    model = clf.build_classifier(clf.architecture(meta, 10, "head"), copy.deepcopy(backbone), copy.deepcopy(head))
+    mean, std = data["manifest"]["mean"], data["manifest"]["std"]
+    labeled = np.concatenate([np.flatnonzero(labels == c)[:3] for c in range(10)])
+    x = images.reshape(len(images), -1).float().numpy()
+    soft = propagate(x, labeled, labels[labeled], num_classes=10)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    agree = lambda: float((clf.predict_logits(model, images, mean, std).argmax(1).numpy() == soft.argmax(1)).mean())  # noqa: E731
+    start = agree()
+    stats = distill(model, images, soft, labeled, labels[labeled], lambda u: u.float(), rounds=1, epochs=0,
+                    batch_size=64, lr=0.05, weight_decay=5e-4, seed=0, mean=mean, std=std, head_epochs=10)
+    assert stats["rounds"] == 1
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+    assert agree() > max(start, 0.5)
+
+
 def test_the_teacher_trusts_the_model_only_as_far_as_it_agrees_with_label_spreading():
     from finetune.semi import blend
 

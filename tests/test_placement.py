@@ -148,3 +148,18 @@ def test_one_seed_gives_no_verdict_and_no_zero_spread():
     two = [result_row("pixels", 0.1, 10, [0.5, 0.52], 1.0), result_row("finetune", 0.1, 10, [0.9, 0.91], 1.0)]
     c = build_report("d", None, two)["comparisons"][0]
     assert c["beats_all_baselines_by_2std"] is True
+
+
+def test_a_lead_smaller_than_the_spread_is_flagged_in_json_and_markdown():
+    rows = [result_row("pixels", 0.1, 10, [0.80, 0.84, 0.82], 1.0), result_row("scratch", 0.1, 10, [0.5, 0.52, 0.51], 1.0),
+            result_row("finetune", 0.1, 10, [0.78, 0.90, 0.84], 1.0)]  # +2 points over pixels, std 6
+    report = build_report("d", None, rows)
+    c = report["comparisons"][0]
+    assert c["against"]["pixels"]["std_exceeds_margin"] is True
+    assert c["against"]["scratch"]["std_exceeds_margin"] is False
+    assert c["std_exceeds_margin"] == ["pixels"]
+    md = to_markdown(report)
+    assert "Flag: at 10% the spread" in md and "margin over `pixels`" in md and "margin over `scratch`" not in md
+    one = build_report("d", None, [result_row("pixels", 0.1, 10, [0.8], 1.0), result_row("finetune", 0.1, 10, [0.81], 1.0)])
+    assert one["comparisons"][0]["against"]["pixels"]["std_exceeds_margin"] is None  # no spread from one seed
+    assert one["comparisons"][0]["std_exceeds_margin"] == []
