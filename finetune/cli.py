@@ -36,7 +36,7 @@ def finetune_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _claim_output_dir(output_dir: str) -> None:
+def _claim_output_dir(output_dir: str, command: str = "selfsup finetune") -> None:
     """Before any work: output_dir (created if missing) must be a writable directory no other run is using."""
     import os
     from pathlib import Path
@@ -53,7 +53,7 @@ def _claim_output_dir(output_dir: str) -> None:
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"output_dir {out} is not writable (permissions, or an immutable or read-only "
                         "directory): choose a writable output_dir")
-    hold(out, "selfsup finetune")
+    hold(out, command)
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:
