@@ -306,7 +306,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"![label errors]({thumbs['label_errors']})", ""]
     else:
         lines += ["None.", ""]
-    lines += ["## Class balance", "", "| split | " + " | ".join(report["class_balance"]) + " |",
+    lines += ["## Class balance", "", "| class | " + " | ".join(report["class_balance"]) + " |",
               "|---|" + "---|" * len(report["class_balance"])]
     names = list(dict.fromkeys(c for v in report["class_balance"].values() for c in v["counts"]))
     for c in names:

@@ -99,11 +99,14 @@ def choose(features: np.ndarray, budget: int, strategy: str, seed: int) -> np.nd
 
 def kmeans_labels(features: np.ndarray, clusters: int, seed: int) -> np.ndarray:
     """Cluster ids: KMeans for few clusters, MiniBatchKMeans for many (the TypiClust authors' split)."""
+    import os
     import warnings
 
     from sklearn.cluster import KMeans, MiniBatchKMeans
+    from threadpoolctl import threadpool_limits
 
-    with warnings.catch_warnings():
+    # half the cores (as fine-tuning's local runs): OpenMP threads spinning on a busy machine cost 10-50x here
+    with warnings.catch_warnings(), threadpool_limits(max(1, (os.cpu_count() or 2) // 2)):
         warnings.simplefilter("ignore")  # convergence chatter on tiny or duplicated data
         if clusters <= KMEANS_MINIBATCH_ABOVE:
             km = KMeans(n_clusters=clusters, n_init=10, random_state=seed)
