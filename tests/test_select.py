@@ -246,3 +246,15 @@ def test_inspect_finds_planted_duplicates_and_label_errors(data, trained, tmp_pa
     assert key["test/c0/exact"] in md and "![leakage]" in md
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # the W&B run's offline file
     assert "likely label errors: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["encoder=/nonexistent/enc"], "/nonexistent/enc"),
+    (["inspect.duplicate_threshold=1.5"], "inspect.duplicate_threshold must be in (0, 1]"),
+    (["inspect.knn_k=0"], "inspect.knn_k"),
+])
+def test_inspect_bad_input_is_one_line(data, tmp_path, capsys, extra, message):
+    rc = selfsup(["inspect", *_args(data, tmp_path / "out", *extra)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc != 0 and len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "out" / "data_report.json").exists()
