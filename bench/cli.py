@@ -35,6 +35,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-sizes", default="10000,100000",
                    help="memory part: image counts of the synthetic folders, comma list (default 10000,100000)")
     p.add_argument("--memory-classes", type=int, default=100, help="memory part: classes of the folders (default 100)")
+    p.add_argument("--memory-stages", default=None,
+                   help="memory part: comma list of stages to measure (default all: shard,pretrain,finetune,select,"
+                        "inspect; shard and pretrain are always needed)")
     p.add_argument("--memory-dir", default=None,
                    help="memory part: keep its folders, shards, runs and logs here (default: a temp dir, removed)")
     p.add_argument("--note", default=None,
@@ -87,7 +90,9 @@ def bench_main(args: argparse.Namespace) -> int:
         mem_cfg = load_config(args.config, mem_overrides + [f"data.image_size={args.image_size or 32}"])
         results["memory"] = bench_memory(mem_cfg, memory_sizes, classes=args.memory_classes,
                                          image_size=args.image_size or 32, work_dir=args.memory_dir,
-                                         log=lambda s: print(s, flush=True))
+                                         log=lambda s: print(s, flush=True),
+                                         **({"stages": [x.strip() for x in args.memory_stages.split(",") if x.strip()]}
+                                            if args.memory_stages else {}))
         results["meta"]["wall_s"] = results["meta"].get("wall_s", 0) + time.perf_counter() - t0
     results["meta"]["load_average"] = [round(x, 2) for x in os.getloadavg()]  # 1, 5, 15 min: how busy it was
     results["meta"]["load_average_start"] = load_start

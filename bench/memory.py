@@ -3,7 +3,8 @@
 For each size (default 10,000 and 100,000 images) it writes a synthetic image folder (32 px PNGs, 100 classes,
 listed class by class), then runs the real stages as child processes, one after the other:
 `selfsup shard folder`, `selfsup pretrain` (one epoch, capped at `pretrain.max_steps_per_epoch` steps, the kNN
-monitor at its end) and `selfsup finetune` (a small budget: one subset, one epoch per method). While a stage
+monitor at its end), `selfsup finetune` (a small budget: one subset, one epoch per method), `selfsup select`
+(typiclust, budget 100) and `selfsup inspect` (the data report); `--memory-stages` picks some of them. While a stage
 runs, its whole process tree (the stage's driver, the private Ray cluster it starts, Ray Train workers and
 Ray tasks, DataLoader workers) is sampled every `INTERVAL_S`; each process's peak is the kernel's high-water
 mark of its resident set (`VmHWM`, exact between samples) where Linux has it, else the largest sampled RSS.
@@ -33,7 +34,8 @@ CLASSES = 100
 IMAGE_SIZE = 32
 INTERVAL_S = 0.1
 TARGET_RATIO = 1.3  # issue 11: peak memory at 100k <= 1.3x the peak at 10k, for every stage
-STAGES = ("shard", "pretrain", "finetune")
+STAGES = ("shard", "pretrain", "finetune", "select", "inspect")
+OLD_STAGES = ("shard", "pretrain", "finetune")  # what a memory.json without `stages` measured
 MB = 2**20
 # the small model of the measurement, unless --config gives one
 MODEL = ["model.name=resnet18", "model.timm_kwargs={channels: [16, 32, 64, 128]}", "model.stem=small",
@@ -42,7 +44,7 @@ MODEL = ["model.name=resnet18", "model.timm_kwargs={channels: [16, 32, 64, 128]}
 BUDGET = ["pretrain.epochs=1", "pretrain.max_steps_per_epoch=10", "pretrain.knn_every=0", "pretrain.global_batch_size=128",
           "trainer.num_workers=2", "data.loader_workers=0", "wandb.enabled=false",
           "finetune.num_seeds=1", "finetune.fractions=[0.01]", "finetune.epochs=1", "finetune.full_epochs=1",
-          "finetune.semi_epochs=1", "finetune.full_fraction_methods=[linear]"]
+          "finetune.semi_epochs=1", "finetune.full_fraction_methods=[linear]", "budget=100"]
 
 
 def make_folder(root: str | os.PathLike, count: int, classes: int = CLASSES, image_size: int = IMAGE_SIZE,
@@ -167,10 +169,16 @@ def run_measured(cmd: list[str], env: dict[str, str], log_path: Path, interval: 
 
 def bench_memory(cfg: Any, sizes: list[int], classes: int = CLASSES, image_size: int = IMAGE_SIZE,
                  work_dir: str | None = None, log: Callable[[str], None] = print,
-                 stage_timeout: float | None = None) -> dict[str, Any]:
+                 stage_timeout: float | None = None, stages: tuple[str, ...] | list[str] = STAGES) -> dict[str, Any]:
     """bench.json's `memory` section: every stage at every size, and the largest/smallest ratios."""
     from runtime.config import save_config
 
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise UserError(f"--memory-stages: unknown or no stage {unknown} (valid: {', '.join(STAGES)})")
+    if "shard" not in stages or (any(s in stages for s in STAGES[2:]) and "pretrain" not in stages):
+        raise UserError("--memory-stages: the later stages read the shards and the encoder: include shard and pretrain")
+    stages = tuple(s for s in STAGES if s in stages)
     if len(sizes) < 1 or min(sizes) < 2 * classes:
         raise UserError(f"--memory-sizes must each be at least 2 x --memory-classes ({2 * classes}), got {sizes}")
     keep = work_dir is not None
@@ -196,8 +204,10 @@ def bench_memory(cfg: Any, sizes: list[int], classes: int = CLASSES, image_size:
                           "--image-size", str(image_size), "--labeled-fractions", "0.01,0.1"],
                 "pretrain": [*selfsup, "pretrain", "--config", str(config), *common],
                 "finetune": [*selfsup, "finetune", "--config", str(config), *common, f"encoder={run}"],
+                "select": [*selfsup, "select", "--config", str(config), *common, f"encoder={run}"],
+                "inspect": [*selfsup, "inspect", "--config", str(config), *common, f"encoder={run}"],
             }
-            for stage in STAGES:
+            for stage in stages:
                 log(f"memory: {n} images: {stage} ...")
                 r = run_measured(commands[stage], env, d / f"{stage}.log", timeout=stage_timeout)
                 row[stage] = r
@@ -216,15 +226,15 @@ def bench_memory(cfg: Any, sizes: list[int], classes: int = CLASSES, image_size:
     small, large = str(min(sizes)), str(max(sizes))
     figures = ("driver_mb", "ray_worker_mb", "max_process_mb", "tree_mb")
     ratios = {stage: {f: (round(runs[large][stage][f] / runs[small][stage][f], 3) if runs[small][stage][f] else None)
-                      for f in figures} for stage in STAGES}
+                      for f in figures} for stage in stages}
     return {
-        "sizes": sorted(sizes), "classes": classes, "image_size": image_size, "interval_s": INTERVAL_S,
+        "sizes": sorted(sizes), "stages": list(stages), "classes": classes, "image_size": image_size, "interval_s": INTERVAL_S,
         "budget": BUDGET, "model": cfg.model.name, "timm_kwargs": dict(cfg.model.timm_kwargs),
         "trainer_num_workers": cfg.trainer.num_workers, "runs": runs, "ratios": ratios,
         "target_ratio": TARGET_RATIO,
         # per stage: the driver's, the largest Ray worker's/task's and the largest process's ratios all within
         "within_target": {s: all(ratios[s][f] is None or ratios[s][f] <= TARGET_RATIO
-                                 for f in ("driver_mb", "ray_worker_mb", "max_process_mb")) for s in STAGES},
+                                 for f in ("driver_mb", "ray_worker_mb", "max_process_mb")) for s in stages},
     }
 
 
@@ -234,7 +244,7 @@ def memory_rows(m: dict[str, Any]) -> list[tuple[str, str, str]]:
     names = {"driver_mb": "driver", "ray_worker_mb": "largest Ray worker/task", "max_process_mb": "largest process",
              "tree_mb": "whole process tree"}
     rows = []
-    for stage in STAGES:
+    for stage in m.get("stages", OLD_STAGES):
         for f, label in names.items():
             values = " / ".join(f"{m['runs'][s][stage][f]:,.0f}" for s in sizes)
             ratio = m["ratios"][stage][f]

@@ -8,6 +8,7 @@ import sys
 
 from bench import cli as bench_cli
 from finetune import cli as finetune_cli
+from finetune import datacli
 from pretrain import cli as pretrain_cli
 from runtime.args import add_config_args
 from runtime.errors import run_cli
@@ -18,7 +19,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p, ["selfsup pipeline   # the digits run on this machine, in minutes",
                         "selfsup pipeline --config configs/cifar10.yaml --force finetune finetune.num_seeds=5"])
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="redo a stage even if it is done, and the stages after it: shard, pretrain or finetune")
+                   help="redo a stage even if it is done, and the stages after it: shard, pretrain or finetune; "
+                        "inspect redoes only the data report")
     p.add_argument("--local", action="store_true", help="pretrain in this process, without Ray")
 
 
@@ -77,6 +79,10 @@ STAGES = {
               bench_cli.bench_main),
     "predict": ("classify images with a fine-tuned model", finetune_cli.add_predict_args,
                 finetune_cli.predict_main),
+    "select": ("choose which train images to label, from the encoder's features (no labels read)",
+               datacli.add_select_args, datacli.select_main),
+    "inspect": ("a data report from the encoder: duplicates, leakage, likely label errors, balance, outliers",
+                datacli.add_inspect_args, datacli.inspect_main),
 }
 
 

@@ -23,6 +23,9 @@ from runtime.errors import UserError
 from runtime.runlock import hold, lock_scope
 
 STAGES = ("shard", "pretrain", "finetune")
+# Side stages: run after the stage named, only read its outputs, and feed no later stage (so doing one again
+# redoes nothing else, and `--force` of one redoes only it). The data report: `inspect.enabled`.
+SIDE_STAGES = {"inspect": "pretrain"}
 # The config sections whose change makes a finished stage stale (the rest -- trainer, wandb -- only say how
 # it ran, not what it computed).
 PRETRAIN_KEYS = ("data.shards", "augment", "model", "optim", "pretrain")
@@ -33,9 +36,9 @@ FINETUNE_KEYS = ("finetune", "encoder")
 def run_pipeline(cfg: Config, force: list[str] | tuple[str, ...] = (), local: bool = False) -> dict[str, Any]:
     """Run the stages not yet done (and every stage from the first forced one on); return the summary."""
     for stage in force:
-        if stage not in STAGES:
-            raise UserError(f"--force {stage}: unknown stage (valid: {', '.join(STAGES)})")
-    first_forced = min((STAGES.index(s) for s in force), default=len(STAGES))
+        if stage not in STAGES and stage not in SIDE_STAGES:
+            raise UserError(f"--force {stage}: unknown stage (valid: {', '.join((*STAGES, *SIDE_STAGES))})")
+    first_forced = min((STAGES.index(s) for s in force if s in STAGES), default=len(STAGES))
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: choose a directory (output_dir=...)")
@@ -51,17 +54,22 @@ def run_pipeline(cfg: Config, force: list[str] | tuple[str, ...] = (), local: bo
         # The stages read the resolved config from a scratch file; the run's record is written only on success,
         # so a failed run changes nothing it did not have to.
         config_path = save_config(cfg, Path(tmp) / "pipeline.config.yaml")
-        summary = _run_stages(cfg, config_path, first_forced, local)
+        summary = _run_stages(cfg, config_path, first_forced, local, forced_side=[s for s in force if s in SIDE_STAGES])
     save_config(cfg, out / "pipeline.config.yaml")
     print(format_summary(summary), flush=True)
     return summary
 
 
-def _run_stages(cfg: Config, config_path: Path, first_forced: int, local: bool) -> dict[str, Any]:
+def _run_stages(cfg: Config, config_path: Path, first_forced: int, local: bool,
+                forced_side: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     t0 = time.monotonic()
     done: dict[str, str] = {}
     redo = False  # once a stage runs, every later stage runs too: its inputs changed
     for i, stage in enumerate(STAGES):
+        if i > 0:
+            for side, after in SIDE_STAGES.items():
+                if after == STAGES[i - 1]:
+                    _side_stage(side, cfg, config_path, local, redo or side in forced_side, done)
         is_done, stale = _status(stage, cfg)
         redo = redo or i >= first_forced or not is_done
         if not redo:
@@ -132,7 +140,34 @@ def _call(add_args, main, argv: list[str]) -> None:
         raise UserError(f"stage {main.__module__}.{main.__name__} exited with status {rc}: see its output above")
 
 
-STAGE_FUNCS = {"shard": _shard, "pretrain": _pretrain, "finetune": _finetune}
+def _inspect(cfg: Config, config_path: Path, local: bool) -> None:
+    from finetune.datacli import add_inspect_args, inspect_main
+
+    _call(add_inspect_args, inspect_main, ["--config", str(config_path)])
+
+
+def _side_stage(stage: str, cfg: Config, config_path: Path, local: bool, redo: bool, done: dict[str, str]) -> None:
+    """A side stage (SIDE_STAGES): off by its config key, skipped when done unless its input was redone or it
+    was forced; its outcome never makes a later stage run."""
+    if not getattr(cfg, stage).enabled:
+        print(f"[pipeline] {stage}: off ({stage}.enabled=false)", flush=True)
+        done[stage] = "off"
+        return
+    is_done = _status(stage, cfg)[0]
+    if is_done and not redo:
+        print(f"[pipeline] {stage}: done, skipped ({_marker(stage, cfg)})", flush=True)
+        done[stage] = "skipped"
+        return
+    if is_done:
+        _set_aside(stage, cfg)
+    print(f"[pipeline] {stage}: running", flush=True)
+    s0 = time.monotonic()
+    STAGE_FUNCS[stage](cfg, config_path, local)
+    done[stage] = f"ran in {time.monotonic() - s0:.0f} s"
+    print(f"[pipeline] {stage}: done in {time.monotonic() - s0:.0f} s ({_marker(stage, cfg)})", flush=True)
+
+
+STAGE_FUNCS = {"shard": _shard, "pretrain": _pretrain, "finetune": _finetune, "inspect": _inspect}
 
 
 # ---------------------------------------------------------------- done markers
@@ -141,7 +176,8 @@ STAGE_FUNCS = {"shard": _shard, "pretrain": _pretrain, "finetune": _finetune}
 def _marker(stage: str, cfg: Config) -> str:
     if stage == "shard":
         return str(Path(cfg.data.shards) / "manifest.json") if "://" not in cfg.data.shards else cfg.data.shards
-    return str(Path(cfg.output_dir) / {"pretrain": "encoder.json", "finetune": "report.json"}[stage])
+    return str(Path(cfg.output_dir) / {"pretrain": "encoder.json", "finetune": "report.json",
+                                       "inspect": "data_report.json"}[stage])
 
 
 def _status(stage: str, cfg: Config) -> tuple[bool, str]:
@@ -155,6 +191,8 @@ def _status(stage: str, cfg: Config) -> tuple[bool, str]:
             return False, ""
         return True, _shard_changes(manifest, cfg)
     out = Path(cfg.output_dir)
+    if stage == "inspect":
+        return (out / "data_report.json").is_file(), ""
     if stage == "pretrain":
         if not (out / "encoder.json").is_file():
             return False, ""
@@ -247,6 +285,11 @@ def _set_aside(stage: str, cfg: Config) -> None:
         from runtime.launch import run_path
 
         ckpts = run_path(cfg, _pretrain_run_name(cfg))
+    elif stage == "inspect":
+        from finetune.datareport import FILE, PNGS
+
+        names = [FILE, "data_report.md", *PNGS.values()]
+        ckpts = None
     else:
         names = ["report.json", "report.md", "label_efficiency.png", "classifiers", "finetune.config.yaml"]
         ckpts = None
@@ -310,6 +353,9 @@ BASELINES = ("scratch", "pixels")
 def headline(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The best pretrained-encoder method at the smallest labeled fraction, against scratch and pixels there
     (the product's claim); the best of all methods when only baselines ran."""
+    if not results:
+        return None
+    results = [r for r in results if r.get("selection", "balanced") == "balanced"]  # not selected subsets
     if not results:
         return None
     smallest = min(r["label_fraction"] for r in results)

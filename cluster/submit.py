@@ -133,7 +133,7 @@ def read_requirements(root: Path | None = None) -> list[str]:
 
 # every `selfsup` stage but submit itself; a test keeps this equal to cluster.cli.STAGES (submit must not
 # import the CLI, which imports it)
-SUBMITTABLE = ("shard", "pretrain", "finetune", "pipeline", "bench", "predict")
+SUBMITTABLE = ("shard", "pretrain", "finetune", "pipeline", "bench", "predict", "select", "inspect")
 
 
 def build_entrypoint(stage_args: list[str]) -> str:

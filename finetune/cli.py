@@ -33,10 +33,16 @@ def finetune_main(args: argparse.Namespace) -> int:
         verdict = "beats" if v else "cannot be tested (fewer than 2 seeds) to beat" if v is None else "does NOT beat"
         print(f"{c['label_fraction']:g} labeled: {c['best']} {c['accuracy_mean']:.4f} {verdict} "
               f"{', '.join(c['against'])} by > 2 std")
+    for c in report.get("selection_comparisons", []):  # finetune.selection: each strategy against uniform random
+        v = c["beats_random_by_2std"]
+        verdict = "no spread (1 seed)" if v is None else "beats random by > 2 std" if v else \
+            "no worse than random" if c["no_worse"] else "worse than random"
+        print(f"{c['labels']} labels chosen by {c['selection']}: {c['method']} {c['accuracy_mean']:.4f} vs "
+              f"{c['random_mean']:.4f} on random ones, {verdict}")
     return 0
 
 
-def _claim_output_dir(output_dir: str) -> None:
+def _claim_output_dir(output_dir: str, command: str = "selfsup finetune") -> None:
     """Before any work: output_dir (created if missing) must be a writable directory no other run is using."""
     import os
     from pathlib import Path
@@ -53,7 +59,7 @@ def _claim_output_dir(output_dir: str) -> None:
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"output_dir {out} is not writable (permissions, or an immutable or read-only "
                         "directory): choose a writable output_dir")
-    hold(out, "selfsup finetune")
+    hold(out, command)
 
 
 def add_predict_args(p: argparse.ArgumentParser) -> None:

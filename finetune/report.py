@@ -17,25 +17,38 @@ MIN_SEEDS = 2  # a standard deviation needs two seeds; below that no 2-std verdi
 PRETRAINED = ("finetune", "semi", "linear", "knn")
 
 
-def result_row(method: str, fraction: float, labels: int, accuracies: list[float], compute_s: float) -> dict[str, Any]:
+BALANCED = "balanced"  # the rows on today's class-balanced subsets; others name a selection strategy
+
+
+def result_row(method: str, fraction: float, labels: int, accuracies: list[float], compute_s: float,
+               selection: str = BALANCED) -> dict[str, Any]:
     acc = np.asarray(accuracies, dtype=float)
     # sample standard deviation over seeds (ddof=1): the honest spread for the 2-sigma comparison
     std = float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
     return {"method": method, "label_fraction": float(fraction), "labels": int(labels),
             "accuracy_mean": float(acc.mean()), "accuracy_std": std, "seeds": len(acc),
-            "accuracies": [float(a) for a in acc], "compute_s": round(float(compute_s), 2)}
+            "accuracies": [float(a) for a in acc], "compute_s": round(float(compute_s), 2), "selection": selection}
+
+
+def _selection(r: dict) -> str:
+    return r.get("selection", BALANCED)  # report.json written before `selection` existed: balanced rows only
 
 
 def _order(rows: list[dict]) -> list[dict]:
     rank = {m: i for i, m in enumerate(METHODS)}
-    return sorted(rows, key=lambda r: (rank.get(r["method"], len(rank)), r["label_fraction"]))
+    return sorted(rows, key=lambda r: (_selection(r) != BALANCED, _selection(r), rank.get(r["method"], len(rank)),
+                                       r["label_fraction"]))
 
 
-def _row(rows: list[dict], method: str, fraction: float) -> dict | None:
+def _row(rows: list[dict], method: str, fraction: float, selection: str = BALANCED) -> dict | None:
     for r in rows:
-        if r["method"] == method and abs(r["label_fraction"] - fraction) < 1e-12:
+        if r["method"] == method and abs(r["label_fraction"] - fraction) < 1e-12 and _selection(r) == selection:
             return r
     return None
+
+
+def _balanced(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if _selection(r) == BALANCED]
 
 
 # Below this many test images an accuracy moves in steps of 1/n and the seeds' std says nothing (2 images:
@@ -80,10 +93,36 @@ def comparisons(rows: list[dict], test_samples: int | None = None) -> list[dict[
 def build_report(dataset: str, encoder: str | None, rows: list[dict], **extra: Any) -> dict[str, Any]:
     rows = _order(rows)
     compute: dict[str, float] = {}
-    for r in rows:
+    for r in _balanced(rows):
         compute[r["method"]] = round(compute.get(r["method"], 0.0) + r["compute_s"], 2)
-    return {"dataset": dataset, "encoder": encoder, "results": rows, "compute_s": compute,
-            "comparisons": comparisons(rows, extra.get("test_samples")), **extra}
+    out = {"dataset": dataset, "encoder": encoder, "results": rows, "compute_s": compute,
+           "comparisons": comparisons(rows, extra.get("test_samples")), **extra}
+    strategies = sorted({_selection(r) for r in rows} - {BALANCED})
+    if strategies:
+        out["selection"] = strategies
+        out["selection_comparisons"] = selection_comparisons(rows, extra.get("test_samples"))
+    return out
+
+
+def selection_comparisons(rows: list[dict], test_samples: int | None = None) -> list[dict[str, Any]]:
+    """Per method, fraction and strategy other than `random`: the rows on its selected subsets against those on
+    uniform-random ones (the honest baseline: neither reads labels), margin in the larger std, and whether it
+    beats random by more than 2 std (None with fewer than 2 seeds) or is no worse (mean >= random's)."""
+    too_few = test_samples is not None and test_samples < MIN_TEST_SAMPLES_FOR_VERDICT
+    out = []
+    for r in rows:
+        sel = _selection(r)
+        if sel in (BALANCED, "random") or (base := _row(rows, r["method"], r["label_fraction"], "random")) is None:
+            continue
+        margin = r["accuracy_mean"] - base["accuracy_mean"]
+        spread = max(r["accuracy_std"], base["accuracy_std"])
+        testable = min(r["seeds"], base["seeds"]) >= MIN_SEEDS
+        out.append({"method": r["method"], "label_fraction": r["label_fraction"], "labels": r["labels"],
+                    "selection": sel, "accuracy_mean": r["accuracy_mean"], "random_mean": base["accuracy_mean"],
+                    "margin": margin, "std": spread if testable else None,
+                    "beats_random_by_2std": bool(margin > 2 * spread and margin > 0 and not too_few)
+                    if testable else None, "no_worse": bool(margin >= 0)})
+    return out
 
 
 # ------------------------------------------------------------------ markdown
@@ -94,7 +133,7 @@ def _pct(f: float) -> str:
 
 
 def summary_sentences(report: dict[str, Any]) -> list[str]:
-    rows = report["results"]
+    rows = _balanced(report["results"])
     out = []
     for c in report["comparisons"]:
         base = max(c["against"], key=lambda m: _row(rows, m, c["label_fraction"])["accuracy_mean"])
@@ -144,7 +183,7 @@ SEMI_METHODS = {
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    rows = report["results"]
+    rows = _balanced(report["results"])
     fractions = sorted({r["label_fraction"] for r in rows})
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     labels = {f: max(r["labels"] for r in rows if r["label_fraction"] == f) for f in fractions}
@@ -169,8 +208,58 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report.get("semi_method"):
         lines.append(f"`semi` is {SEMI_METHODS.get(report['semi_method'], report['semi_method'])}, started from "
                      "each seed's `finetune` model; its compute time includes that fine-tuning.")
+    lines += selection_markdown(report)
     lines += ["", "![label efficiency](label_efficiency.png)", ""]
     return "\n".join(lines)
+
+
+def selection_markdown(report: dict[str, Any]) -> list[str]:
+    """report.md's "which images to label" section: each method on selected vs uniform-random subsets."""
+    if not report.get("selection"):
+        return []
+    lines = ["", "## Which images to label", "",
+             "The same budgets chosen without labels from the encoder's features (`finetune.selection`) against "
+             "uniform-random subsets (`random`, the honest baseline: a real user cannot draw balanced subsets "
+             "without labels); `balanced` is the class-balanced draw above, which reads the labels. Test accuracy (%), "
+             "mean ± std over seeds.", "", selection_table(report, markdown=True), ""]
+    for c in report.get("selection_comparisons", []):
+        v = c["beats_random_by_2std"]
+        verdict = ("with too few seeds for a spread" if v is None else "more than two standard deviations" if v
+                   else "ahead, but not by two standard deviations" if c["margin"] > 0
+                   else "the same" if c["margin"] == 0 else "behind")
+        lines.append(f"At {_pct(c['label_fraction'])} ({c['labels']} labels), `{c['method']}` on `{c['selection']}` "
+                     f"subsets reaches {c['accuracy_mean'] * 100:.1f}% against {c['random_mean'] * 100:.1f}% on "
+                     f"random ones: {c['margin'] * 100:+.1f} points, {verdict}.")
+    return lines
+
+
+def selection_table(report: dict[str, Any], markdown: bool = False) -> str:
+    """A table of every method that ran on selected subsets: one row per method and selection (random first,
+    then the strategies, then balanced), one column per budget; README's `--table selection`."""
+    rows = report["results"]
+    sel_rows = [r for r in rows if _selection(r) != BALANCED]
+    fractions = sorted({r["label_fraction"] for r in sel_rows})
+    methods = [m for m in METHODS if any(r["method"] == m for r in sel_rows)]
+    strategies = ["random", *[s for s in report.get("selection", []) if s != "random"], BALANCED]
+    labels = {f: max(r["labels"] for r in sel_rows if r["label_fraction"] == f) for f in fractions}
+    wins = {(c["method"], c["label_fraction"], c["selection"]) for c in report.get("selection_comparisons", [])
+            if c["beats_random_by_2std"]}
+    lines = ["| method | selection | " + " | ".join(f"{f * 100:g} % ({labels[f]:,} labels)" for f in fractions) + " |",
+             "|---|---" + "|---" * len(fractions) + "|"]
+    for m in methods:
+        for s in strategies:
+            cells = []
+            for f in fractions:
+                r = _row(rows, m, f, s)
+                if r is None:
+                    cells.append("")
+                    continue
+                text = f"{r['accuracy_mean'] * 100:.1f}" + (f" ± {r['accuracy_std'] * 100:.1f}" if r["seeds"] > 1 else "")
+                cells.append(f"**{text}**" if (m, f, s) in wins else text)
+            if any(cells):
+                note = " (reads labels)" if s == BALANCED else " (uniform)" if s == "random" else ""
+                lines.append(f"| `{m}` | `{s}`{note} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ plot
@@ -182,8 +271,13 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["results"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    rows = _balanced(report["results"])
+    chosen = [r for r in report["results"] if _selection(r) != BALANCED]
+    if chosen:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12.4, 4.4), dpi=120)
+        _plot_selection(ax2, report, chosen)
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for m in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["label_fraction"])
         x = [r["label_fraction"] for r in rs]
@@ -209,9 +303,40 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     return out
 
 
+def _plot_selection(ax, report: dict[str, Any], chosen: list[dict]) -> None:
+    """The right panel: each method that ran on selected subsets, one colour per method, one line style per
+    selection (random dashed, balanced dotted, the strategies solid), slightly offset so error bars show."""
+    rows = report["results"]
+    styles = {"random": "--", BALANCED: ":"}
+    strategies = ["random", *[s for s in report.get("selection", []) if s != "random"], BALANCED]
+    colours = {}
+    for i, m in enumerate([m for m in METHODS if any(r["method"] == m for r in chosen)]):
+        colours[m] = f"C{i}"
+        for j, s in enumerate(strategies):
+            rs = sorted((r for r in rows if r["method"] == m and _selection(r) == s and r["label_fraction"] < 1),
+                        key=lambda r: r["label_fraction"])
+            if not rs:
+                continue
+            x = [r["label_fraction"] * (1 + 0.04 * (j - 1)) for r in rs]
+            ax.errorbar(x, [r["accuracy_mean"] * 100 for r in rs], yerr=[r["accuracy_std"] * 100 for r in rs],
+                        marker="o" if s not in styles else "s", capsize=3, color=colours[m], linestyle=styles.get(s, "-"),
+                        label=f"{m}: {s}", alpha=0.6 if s == BALANCED else 1.0)
+    fractions = sorted({r["label_fraction"] for r in chosen})
+    ax.set_xscale("log")
+    ax.set_xticks(fractions)
+    ax.set_xticklabels([f"{_pct(f)}\n({max(r['labels'] for r in chosen if r['label_fraction'] == f)} labels)"
+                        for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("label budget")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Which images to label: selected vs uniform random")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    cols = ["method", "label_fraction", "labels", "accuracy_mean", "accuracy_std", "seeds", "compute_s"]
-    return cols, [[r[c] for c in cols] for r in report["results"]]
+    cols = ["method", "label_fraction", "labels", "accuracy_mean", "accuracy_std", "seeds", "compute_s", "selection"]
+    return cols, [[r.get(c, BALANCED) if c == "selection" else r[c] for c in cols] for r in report["results"]]
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -244,7 +369,7 @@ README_NOTES = {"pixels": "(logistic regression on pixels)", "scratch": "(same n
 def readme_table(report: dict[str, Any]) -> str:
     """The README's label-efficiency table from a report.json: accuracy in %, mean ± std over seeds (the mean
     alone for one seed), the best method of each compared fraction (`comparisons`) in bold."""
-    rows = report["results"]
+    rows = _balanced(report["results"])
     fractions = sorted({r["label_fraction"] for r in rows})
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     labels = {f: max(r["labels"] for r in rows if r["label_fraction"] == f) for f in fractions}
@@ -280,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="the README's Markdown table (the default and only form)")
     p.add_argument("--readme", default=None, help="write the table into this Markdown file instead of printing it")
     p.add_argument("--section", default=None, help="with --readme: the `<!-- figures:NAME -->` block to fill")
+    p.add_argument("--table", choices=("methods", "selection"), default="methods",
+                   help="methods: the label-efficiency table (default); selection: selected vs uniform-random subsets")
     args = p.parse_args(argv)
     if (args.readme is None) != (args.section is None):
         p.error("--readme and --section go together")
@@ -289,7 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         path = path / "report.json" if path.is_dir() else path
         try:
             report = json.loads(path.read_text())
-            table = readme_table(report)
+            if args.table == "selection" and not report.get("selection"):
+                raise UserError(f"{path} has no rows on selected subsets: run `selfsup finetune` with "
+                                "finetune.selection=[random,typiclust]")
+            table = readme_table(report) if args.table == "methods" else selection_table(report)
         except FileNotFoundError:
             raise UserError(f"{path} not found: run `selfsup finetune` (or the pipeline) first") from None
         except (OSError, ValueError, KeyError, TypeError) as e:

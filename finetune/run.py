@@ -32,8 +32,9 @@ from finetune.linear import knn_method_predict, linear_predict
 from finetune.pixels import pixels_fit, pixels_predict_with
 from finetune.predict import save_classifier
 from finetune.report import build_report, result_row, table_rows, write_report
+from finetune.selection import BALANCED, selection_jobs, selection_loop
 from finetune.subsets import FULL, check_disjoint, fractions_to_run, labeled_subset, subset_seed
-from finetune.supervised import SELECTION, TRAINED, supervised_loop
+from finetune.supervised import SELECTION, TRAINED
 from pretrain.model import check_compatible, load_encoder
 from runtime.config import METHODS, Config, save_config
 from runtime.console import Progress
@@ -129,6 +130,8 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
             subsets.append({"fraction": fraction, "seed_index": s, "seed": subset_seed(manifest, s), "keys": keys,
                             "methods": methods})
     n_labels = {j["fraction"]: len(j["keys"]) for j in subsets}
+    # finetune.selection: the same budgets and seeds on subsets chosen from the encoder's features (no labels)
+    subsets += selection_jobs(cfg, manifest, backbone, subsets, size, out_dir)
     # one display for the stage: runs done / total with time left, and a line as each run finishes
     progress = Progress("finetune", sum(len(j["methods"]) for j in subsets), unit="runs")
 
@@ -164,7 +167,8 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
                 else:
                     pred = linear_predict(feats[idx], yl, test_feats, job["seed"])
             results.append({"method": method, "fraction": job["fraction"], "seed_index": job["seed_index"],
-                            "accuracy": float((pred == test_np).mean()), "seconds": time.perf_counter() - t})
+                            "accuracy": float((pred == test_np).mean()), "seconds": time.perf_counter() - t,
+                            "selection": job.get("selection", BALANCED)})
             _echo(results[-1], len(job["keys"]), progress)
 
     # ---- trained methods: in this process, one Ray task per subset, or Ray Train DDP (see execution_mode)
@@ -201,10 +205,10 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
                     for r in out["results"]:
                         _echo(r, len(order[i]["keys"]), progress)
 
-                outs = run_tasks(supervised_loop, [{**common, "jobs": [j]} for j in order], run_cfg, name,
+                outs = run_tasks(selection_loop, [{**common, "jobs": [j]} for j in order], run_cfg, name,
                                  on_done=on_done)
             else:
-                outs = [run_training(supervised_loop, {**common, "jobs": trained}, run_cfg, local=mode == "local",
+                outs = [run_training(selection_loop, {**common, "jobs": trained}, run_cfg, local=mode == "local",
                                      name=name, on_report=on_report)]
         finally:
             progress.close()
@@ -213,16 +217,19 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
             best.update(out["best"])  # at most one per fraction: the fixed rule's (finetune.supervised.SELECTION)
 
     # ---- rows, the shipped classifiers, the report
-    accs: dict[tuple[str, float], list[float]] = defaultdict(list)
-    secs: dict[tuple[str, float], float] = defaultdict(float)
-    for step, r in enumerate(sorted(results, key=lambda r: (r["fraction"], r["seed_index"]))):
-        accs[(r["method"], r["fraction"])].append(r["accuracy"])
-        secs[(r["method"], r["fraction"])] += r["seconds"]
-        tracker.log({f"{r['method']}/acc@{r['fraction']:g}": r["accuracy"]}, step=step)
+    accs: dict[tuple[str, float, str], list[float]] = defaultdict(list)
+    secs: dict[tuple[str, float, str], float] = defaultdict(float)
+    for step, r in enumerate(sorted(results, key=lambda r: (r.get("selection", BALANCED) != BALANCED,
+                                                            r.get("selection", BALANCED), r["fraction"],
+                                                            r["seed_index"]))):
+        sel = r.get("selection", BALANCED)
+        accs[(r["method"], r["fraction"], sel)].append(r["accuracy"])
+        secs[(r["method"], r["fraction"], sel)] += r["seconds"]
+        tracker.log({_metric(r["method"], r["fraction"], sel): r["accuracy"]}, step=step)
     shared = [m for m in ("knn", "linear") if any(k[0] == m for k in accs)]
     for m in shared:  # the one encoding pass, split between the frozen methods that used it
-        secs[(m, min(f for mm, f in accs if mm == m))] += encode_s / len(shared)
-    rows = [result_row(m, f, n_labels[f], a, secs[(m, f)]) for (m, f), a in accs.items()]
+        secs[(m, min(f for mm, f, s in accs if mm == m and s == BALANCED), BALANCED)] += encode_s / len(shared)
+    rows = [result_row(m, f, n_labels[f], a, secs[(m, f, s)], selection=s) for (m, f, s), a in accs.items()]
     for r in rows:  # the pixel baseline fit on a bounded seeded sample of a large labeled subset says so
         if r["method"] == "pixels" and r["label_fraction"] in pixel_fits:
             r["fit_samples"] = pixel_fits[r["label_fraction"]]
@@ -285,13 +292,19 @@ def summary_values(report: dict[str, Any]) -> dict[str, float]:
     has them (`<method>/acc@<fraction>`, `<method>/acc@<fraction>_std`), not the last seed's value."""
     out: dict[str, float] = {}
     for r in report["results"]:
-        key = f"{r['method']}/acc@{r['label_fraction']:g}"
+        key = _metric(r["method"], r["label_fraction"], r.get("selection", BALANCED))
         out[key], out[f"{key}_std"] = r["accuracy_mean"], r["accuracy_std"]
     return out
 
 
+def _metric(method: str, fraction: float, selection: str) -> str:
+    """`<method>/acc@<fraction>`; rows on selected subsets: `<method>/acc@<fraction>/<strategy>`."""
+    return f"{method}/acc@{fraction:g}" + ("" if selection == BALANCED else f"/{selection}")
+
+
 def _echo(r: dict[str, Any], labels: int, progress: Progress) -> None:
     """A finished run: its line, then the display moves on by one."""
-    progress.message(f"{r['method']:>8}  fraction {r['fraction']:<5g} seed {r['seed_index']}  labels {labels:>5}  "
+    sel = r.get("selection", BALANCED)
+    progress.message(f"{r['method']:>8}{'' if sel == BALANCED else f' [{sel}]'}  fraction {r['fraction']:<5g} seed {r['seed_index']}  labels {labels:>5}  "
                      f"acc {r['accuracy']:.4f}  ({r['seconds']:.1f}s)")
     progress.update()

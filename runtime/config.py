@@ -33,6 +33,8 @@ MIN_IMAGE_SIZE = 8  # the smallest image side anything is stored or trained at (
 # `name` becomes a directory (checkpoints under <storage_path>/<name>) and a W&B group: a plain file name only
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 METHODS = ("pixels", "scratch", "knn", "linear", "finetune", "semi")
+# which images to label (finetune/selection.py): chosen from the encoder's features, never from labels
+SELECTION_STRATEGIES = ("random", "typiclust", "kcenter")
 
 
 def _opt(default: Any, doc: str) -> Any:
@@ -188,6 +190,29 @@ class TrainerConfig:
 
 
 @dataclass
+class InspectConfig:
+    """`selfsup inspect` (and the pipeline after pretraining): a data report from the encoder's features."""
+
+    enabled: bool = _opt(True, "run the data report in `selfsup pipeline` after pretraining")
+    duplicate_threshold: float = _opt(0.98, "cosine similarity of features (mirror-averaged, centred) above "
+                                            "which two images are reported as near duplicates")
+    knn_k: int = _opt(10, "neighbours that vote on each labeled image's label, and whose distance scores outliers")
+    label_error_share: float = _opt(0.5, "a labeled image is a likely label error when more than this share of "
+                                         "its neighbours carry one other label")
+    top: int = _opt(16, "pairs, suspects and outliers listed and drawn as thumbnails")
+    max_images: int = _opt(200000, "at most this many images per split enter the search (seeded sample above)")
+
+    def check(self) -> None:
+        if not 0 < self.duplicate_threshold <= 1:
+            raise UserError(f"inspect.duplicate_threshold must be in (0, 1], got {self.duplicate_threshold}")
+        if not 0 <= self.label_error_share < 1:
+            raise UserError(f"inspect.label_error_share must be in [0, 1), got {self.label_error_share}")
+        _positive("inspect.knn_k", self.knn_k)
+        _positive("inspect.top", self.top)
+        _positive("inspect.max_images", self.max_images)
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases tracking (offline unless asked)."""
 
@@ -206,6 +231,10 @@ class FinetuneConfig:
     """Label-efficient evaluation: methods, labeled subsets, budgets, and the semi-supervised methods."""
 
     methods: list[str] = _opt(list(METHODS), "methods to run: " + " | ".join(METHODS))
+    selection: list[str] = _opt([], "also train every method on subsets chosen by these strategies from the "
+                                    "encoder's features, without labels, at each fraction's budget (and "
+                                    "`selfsup select`'s strategies; empty there: typiclust): "
+                                    + " | ".join(SELECTION_STRATEGIES))
     fractions: list[float] | None = _opt(None, "labeled fractions to run; null: every subset in the manifest")
     full_fraction_methods: list[str] = _opt(["pixels", "linear", "scratch"], "methods also run on all labels")
     num_seeds: int = _opt(5, "labeled subsets per fraction (subset i uses the manifest's seed + i)")
@@ -253,6 +282,9 @@ class FinetuneConfig:
         for f in self.fractions or []:
             if not 0 < f <= 1:
                 raise UserError(f"finetune.fractions must each be in (0, 1], got {f}")
+        for s in self.selection:
+            if s not in SELECTION_STRATEGIES:
+                raise UserError(f"finetune.selection: unknown strategy {s!r} (valid: {', '.join(SELECTION_STRATEGIES)})")
         _positive("finetune.num_seeds", self.num_seeds)
         _positive("finetune.full_fraction_seeds", self.full_fraction_seeds)
         _positive("finetune.epochs", self.epochs)
@@ -292,12 +324,14 @@ class Config:
     name: str = _opt("digits", "run name: W&B group and Ray run name; a plain name (it becomes a directory)")
     output_dir: str = _opt("runs/digits", "encoder, metrics, report and checkpoints go here")
     encoder: str | None = _opt(None, "finetune: the pretraining run dir to read (encoder=RUN_DIR); null: output_dir")
+    budget: int | None = _opt(None, "select: how many train images to choose for labeling (budget=N)")
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
@@ -310,6 +344,8 @@ class Config:
                             "(starting with a letter or digit, at most 128), e.g. name=digits-run2")
         if not self.output_dir:
             raise UserError("output_dir must not be empty")
+        if self.budget is not None and self.budget <= 0:
+            raise UserError(f"budget must be a positive number of images to label, got {self.budget}: e.g. budget=15")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section) and hasattr(section, "check"):

@@ -169,12 +169,13 @@ def test_memory_part_runs_every_stage_at_two_sizes(tmp_path, capsys):
     m = r["memory"]
     assert m["sizes"] == [300, 600] and m["classes"] == 10 and m["image_size"] == 16
     for n in ("300", "600"):
-        for stage in ("shard", "pretrain", "finetune"):
+        for stage in ("shard", "pretrain", "finetune", "select", "inspect"):
             row = m["runs"][n][stage]
             assert row["rc"] == 0 and row["wall_s"] > 0
             assert row["driver_mb"] > 0 and row["max_process_mb"] >= row["driver_mb"]
             assert row["tree_mb"] >= row["driver_mb"] * 0.9 and row["processes"]
-    for stage in ("shard", "pretrain", "finetune"):
+    assert m["stages"] == ["shard", "pretrain", "finetune", "select", "inspect"]
+    for stage in m["stages"]:
         assert set(m["ratios"][stage]) == {"driver_mb", "ray_worker_mb", "max_process_mb", "tree_mb"}
         assert m["ratios"][stage]["driver_mb"] == pytest.approx(
             m["runs"]["600"][stage]["driver_mb"] / m["runs"]["300"][stage]["driver_mb"], rel=1e-2)

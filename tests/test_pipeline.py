@@ -41,8 +41,10 @@ def test_pipeline_runs_skips_forces_and_resumes(tmp_path, capsys, monkeypatch):
 
     # 1. everything runs, and the summary says where things are and what the headline is
     out = run(capsys, tiny(tmp_path))
-    for stage in ("shard", "pretrain", "finetune"):
+    for stage in ("shard", "pretrain", "inspect", "finetune"):
         assert f"[pipeline] {stage}: running" in out
+    # the data report, after pretraining (a side stage: it feeds no later stage)
+    assert json.loads((run_dir / "data_report.json").read_text())["images"]["train"] > 0
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["complete"] is True
     report = json.loads((run_dir / "report.json").read_text())
@@ -67,6 +69,8 @@ def test_pipeline_runs_skips_forces_and_resumes(tmp_path, capsys, monkeypatch):
         assert f"[pipeline] {stage}: done, skipped" in out
     assert "running" not in out and "NOTE" not in out
     assert before == {p: digest(p) for p in before}
+    out = run(capsys, [*tiny(tmp_path), "inspect.enabled=false"])
+    assert "[pipeline] inspect: off (inspect.enabled=false)" in out and "running" not in out
 
     # 3. a changed stage config is pointed out, not silently ignored
     out = run(capsys, [*tiny(tmp_path), "finetune.epochs=3"])
@@ -75,6 +79,7 @@ def test_pipeline_runs_skips_forces_and_resumes(tmp_path, capsys, monkeypatch):
     # 4. --force finetune redoes only finetune, keeping the old report aside
     out = run(capsys, [*tiny(tmp_path), "--force", "finetune"])
     assert "[pipeline] shard: done, skipped" in out and "[pipeline] pretrain: done, skipped" in out
+    assert "[pipeline] inspect: done, skipped" in out
     assert "[pipeline] finetune: running" in out
     assert digest(run_dir / "encoder.json") == before[run_dir / "encoder.json"]
     assert (run_dir / "report.json").is_file()
@@ -86,6 +91,7 @@ def test_pipeline_runs_skips_forces_and_resumes(tmp_path, capsys, monkeypatch):
     out = run(capsys, tiny(tmp_path))
     assert "[pipeline] shard: done, skipped" in out
     assert "pretrain: resuming the interrupted run" in out and "[pipeline] finetune: running" in out
+    assert "[pipeline] inspect: running" in out  # a new encoder: its data report again
     assert (run_dir / "encoder.json").is_file()
     assert epochs_in(run_dir / "metrics.jsonl") == [1, 2]  # each epoch exactly once
 
