@@ -73,3 +73,29 @@ def test_photos_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert rows[("semi", 0.01)]["seeds"] == 2 and rows[("semi", 0.01)]["labels"] == 10
     assert rows[("finetune", 0.1)]["labels"] == 100
     assert (run_dir / "report.md").is_file() and (run_dir / "label_efficiency.png").is_file()
+
+
+def test_bench_semi_collects_and_writes_the_table(tmp_path):
+    """bench.semi: finetune/semi rows from report.json files, finetune once per encoder, into README markers."""
+    from bench import semi
+
+    def report(d: Path, method: str, accs: list[float]) -> str:
+        d.mkdir()
+        rows = [{"method": m, "label_fraction": 0.1, "labels": 100, "accuracy_mean": float(np.mean(a)),
+                 "accuracy_std": float(np.std(a, ddof=1)), "seeds": len(a), "accuracies": a, "compute_s": 12.0}
+                for m, a in (("finetune", [0.5, 0.6]), ("semi", accs), ("pixels", [0.3, 0.3]))]
+        (d / "report.json").write_text(json.dumps({"dataset": "photos", "semi_method": method, "results": rows}))
+        return str(d)
+
+    runs = [report(tmp_path / "a", "distill", [0.7, 0.8]), report(tmp_path / "b", "fixmatch", [0.4, 0.5]) + "=fm"]
+    out = tmp_path / "semi.json"
+    assert semi.main(["collect", *runs, "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert [(r["method"], r["label"]) for r in got["rows"]] == [
+        ("finetune", "finetune"), ("distill", "distill"), ("finetune", "finetune"), ("fixmatch", "fm")]
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- figures:semi-photos -->\n<!-- /figures:semi-photos -->\n")
+    assert semi.main(["figures", str(out), "--section", "semi-photos", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.count("| `finetune` |") == 1  # the same fine-tuning figures appear once
+    assert "| `distill` | 75.0 ± 7.1 (n=2) | 12 |" in text and "| `fm` | 45.0 ± 7.1 (n=2) | 12 |" in text
