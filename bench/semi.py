@@ -80,7 +80,8 @@ def table(results: dict[str, Any]) -> str:
         for f in fractions:
             r = by_f.get(f)
             cells += (["", ""] if r is None else
-                      [f"{r['accuracy_mean'] * 100:.1f} ± {r['accuracy_std'] * 100:.1f} (n={r['seeds']})",
+                      [f"{r['accuracy_mean'] * 100:.1f}" + (f" ± {r['accuracy_std'] * 100:.1f}" if r["seeds"] > 1 else "")
+                       + f" (n={r['seeds']})",
                        f"{r['compute_s']:.0f}"])
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
