@@ -72,7 +72,10 @@ def table(results: dict[str, Any]) -> str:
             if key in seen_finetune:
                 continue
             seen_finetune.add(key)
-        keyed.setdefault((r["label"], r["run"]), {})[r["label_fraction"]] = r
+        key = (r["label"], "")  # one row per method; a second run of it at the same fraction gets its own row
+        if r["label_fraction"] in keyed.get(key, {}):
+            key = (r["label"], r["run"])
+        keyed.setdefault(key, {})[r["label_fraction"]] = r
     head = "| method | " + " | ".join(f"{f * 100:g} %: accuracy | compute (s)" for f in fractions) + " |"
     lines = [head, "|---" * (2 * len(fractions) + 1) + "|"]
     for (label, _), by_f in keyed.items():
