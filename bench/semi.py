@@ -1,0 +1,122 @@
+"""The figures behind each shipped config's `finetune.semi_method`: plain `finetune` against the semi-supervised
+methods, on the same encoder and the same labeled subsets, collected from fine-tuning runs' report.json files.
+
+    python -m bench.semi collect runs/photos runs/photos-fixmatch --out bench/results/semi-photos.json
+    python -m bench.semi figures bench/results/semi-photos.json --section semi-photos
+
+`collect` keeps, per run, the `finetune` and `semi` rows (accuracy per seed, mean, std, compute seconds),
+the `semi` rows named by the run's `semi_method` or a `label` given (`RUN_DIR=label`), plus the run's settings that differ.
+`figures` writes the table into bench/README.md between `<!-- figures:SECTION -->` markers: never typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import UserError, run_cli
+from runtime.files import fill_marked_block
+
+README = Path(__file__).with_name("README.md")
+SETTINGS = ("semi_epochs", "semi_lr", "distill_rounds", "spread_k", "spread_alpha", "fixmatch_threshold",
+            "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from")
+
+
+def _report(run: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    d = Path(run)
+    path = d / "report.json" if d.is_dir() else d
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable report.json ({type(e).__name__})") from None
+    cfg: dict[str, Any] = {}
+    cfg_path = path.parent / "finetune.config.yaml"
+    if cfg_path.is_file():
+        import yaml
+
+        cfg = (yaml.safe_load(cfg_path.read_text()) or {}).get("finetune", {})
+    return report, cfg
+
+
+def collect(runs: list[str]) -> dict[str, Any]:
+    """{"dataset", "rows": [{method, label, run, label_fraction, labels, accuracy_mean, accuracy_std, seeds,
+    accuracies, compute_s, settings}]} from each run's report.json."""
+    rows, dataset = [], None
+    for spec in runs:
+        run, _, label = spec.partition("=")
+        report, cfg = _report(run)
+        dataset = dataset or report.get("dataset")
+        for r in report["results"]:
+            if r["method"] not in ("finetune", "semi") or r["label_fraction"] >= 1:
+                continue
+            method = r["method"] if r["method"] == "finetune" else report.get("semi_method") or "semi"
+            rows.append({"method": method, "label": (label or method) if r["method"] == "semi" else method, "run": run,
+                         **{k: r[k] for k in ("label_fraction", "labels", "accuracy_mean", "accuracy_std", "seeds",
+                                              "accuracies", "compute_s")},
+                         "settings": {k: cfg[k] for k in SETTINGS if k in cfg}})
+    return {"dataset": dataset, "rows": rows}
+
+
+def table(results: dict[str, Any]) -> str:
+    """One row per (label, run): accuracy (%) mean ± std (seeds) and compute seconds per fraction; `finetune`
+    rows once per encoder run (the same fine-tuning in every run on one encoder)."""
+    fractions = sorted({r["label_fraction"] for r in results["rows"]})
+    keyed: dict[tuple[str, str], dict[float, dict]] = {}
+    seen_finetune: set[tuple[float, tuple]] = set()
+    for r in results["rows"]:
+        if r["method"] == "finetune":  # the same subsets, budget and encoder: the same figures in every run
+            key = (r["label_fraction"], tuple(r["accuracies"]))
+            if key in seen_finetune:
+                continue
+            seen_finetune.add(key)
+        key = (r["label"], "")  # one row per method; a second run of it at the same fraction gets its own row
+        if r["label_fraction"] in keyed.get(key, {}):
+            key = (r["label"], r["run"])
+        keyed.setdefault(key, {})[r["label_fraction"]] = r
+    head = "| method | " + " | ".join(f"{f * 100:g} %: accuracy | compute (s)" for f in fractions) + " |"
+    lines = [head, "|---" * (2 * len(fractions) + 1) + "|"]
+    for (label, _), by_f in keyed.items():
+        cells = []
+        for f in fractions:
+            r = by_f.get(f)
+            cells += (["", ""] if r is None else
+                      [f"{r['accuracy_mean'] * 100:.1f}" + (f" ± {r['accuracy_std'] * 100:.1f}" if r["seeds"] > 1 else "")
+                       + f" (n={r['seeds']})",
+                       f"{r['compute_s']:.0f}"])
+        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.semi", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect", help="gather finetune/semi rows from fine-tuning runs into one JSON")
+    c.add_argument("runs", nargs="+", help="RUN_DIR (holding report.json), optionally RUN_DIR=label")
+    c.add_argument("--out", required=True, help="the JSON to write")
+    f = sub.add_parser("figures", help="write a collected JSON's table into bench/README.md")
+    f.add_argument("json")
+    f.add_argument("--section", required=True)
+    f.add_argument("--readme", default=str(README))
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        if args.cmd == "collect":
+            out = collect(args.runs)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+            print(f"{args.out}: {len(out['rows'])} rows from {len(args.runs)} runs")
+        else:
+            results = json.loads(Path(args.json).read_text())
+            fill_marked_block(args.readme, args.section, f"From `{args.json}` ({results['dataset']}):\n\n"
+                              + table(results))
+            print(f"{args.readme}: {args.section} figures from {args.json}")
+        return 0
+
+    return run_cli(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

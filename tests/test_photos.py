@@ -1,0 +1,101 @@
+"""The `photos` source: real photographs from package wheels, test crops from pixels no train crop touches,
+and the whole pipeline on it (shard -> pretrain -> finetune -> report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.cli import main
+from shards import photos
+from shards.sources import open_source
+
+
+def test_photos_source_ten_classes_fixed_and_splits_by_region():
+    src = open_source("photos", None)
+    assert src.name == "photos" and len(src.classes) == 10 and src.channels == 3
+    assert src.counts == {s: n * 10 for s, n in photos.COUNTS.items()}
+    for name in ("train", "test"):
+        assert np.bincount(src.splits[name].labels, minlength=10).tolist() == [photos.COUNTS[name]] * 10
+    assert (src.splits["unlabeled"].labels == -1).all()
+    assert src.splits["train"].images.shape[1:] == (photos.CROP, photos.CROP, 3)
+
+    pics = photos.photographs()
+    where = photos.layout(pics)
+    for name, w in where.items():
+        train_cells, test_cells = set(w["cells"]["train"]), set(w["cells"]["test"])
+        assert test_cells and train_cells and not train_cells & test_cells
+        h, wd = pics[name].shape[:2]
+        for split, boxes in w["boxes"].items():
+            allowed = test_cells if split == "test" else train_cells
+            for y, x, side in boxes:  # each crop lies wholly inside one cell of its own area
+                assert side >= photos.MIN_SIDE and y + side <= h and x + side <= wd
+                assert any(y0 <= y and y + side <= y1 and x0 <= x and x + side <= x1 for y0, y1, x0, x1 in allowed)
+        # so no test pixel is in any train or unlabeled crop
+        seen = np.zeros((h, wd), bool)
+        for y, x, side in w["boxes"]["train"] + w["boxes"]["unlabeled"]:
+            seen[y:y + side, x:x + side] = True
+        assert not any(seen[y:y + side, x:x + side].any() for y, x, side in w["boxes"]["test"])
+
+    again = photos.photos_source()  # one fixed seed: the same crops every time
+    assert np.array_equal(again.splits["test"].images, src.splits["test"].images)
+
+
+def test_shard_photos_cli_needs_no_input(tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["shard", "photos", "--out", str(out), "--image-size", "16"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["source"] == "photos" and m["image_size"] == 16 and m["classes"][0] == "china"
+    assert {k: v["count"] for k, v in m["splits"].items()} == {"train": 1000, "test": 400, "unlabeled": 600}
+
+
+@pytest.mark.slow
+def test_photos_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
+    """configs/photos.yaml through every stage on a tiny budget: the report holds every method's rows."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    run_dir = tmp_path / "run"
+    argv = ["pipeline", "--local", "--config", "configs/photos.yaml", f"output_dir={run_dir}",
+            f"data.shards={tmp_path / 'shards'}", "data.image_size=16", "pretrain.epochs=1",
+            "pretrain.knn_every=0", "model.timm_kwargs={channels: [8, 16, 32, 64]}", "model.proj_hidden_dim=64",
+            "model.proj_output_dim=32", "trainer.torch_threads=1", "finetune.num_seeds=2", "finetune.epochs=1",
+            "finetune.full_epochs=1", "finetune.semi_epochs=1", "wandb.enabled=false"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["source"] == "photos"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["dataset"] == "photos" and report["semi_method"]
+    rows = {(r["method"], r["label_fraction"]): r for r in report["results"]}
+    expected = {(m, f) for m in ("pixels", "scratch", "knn", "linear", "finetune", "semi") for f in (0.01, 0.1)}
+    expected |= {(m, 1.0) for m in ("pixels", "linear", "scratch")}
+    assert set(rows) == expected
+    assert rows[("semi", 0.01)]["seeds"] == 2 and rows[("semi", 0.01)]["labels"] == 10
+    assert rows[("finetune", 0.1)]["labels"] == 100
+    assert (run_dir / "report.md").is_file() and (run_dir / "label_efficiency.png").is_file()
+
+
+def test_bench_semi_collects_and_writes_the_table(tmp_path):
+    """bench.semi: finetune/semi rows from report.json files, finetune once per encoder, into README markers."""
+    from bench import semi
+
+    def report(d: Path, method: str, accs: list[float]) -> str:
+        d.mkdir()
+        rows = [{"method": m, "label_fraction": 0.1, "labels": 100, "accuracy_mean": float(np.mean(a)),
+                 "accuracy_std": float(np.std(a, ddof=1)), "seeds": len(a), "accuracies": a, "compute_s": 12.0}
+                for m, a in (("finetune", [0.5, 0.6]), ("semi", accs), ("pixels", [0.3, 0.3]))]
+        (d / "report.json").write_text(json.dumps({"dataset": "photos", "semi_method": method, "results": rows}))
+        return str(d)
+
+    runs = [report(tmp_path / "a", "distill", [0.7, 0.8]), report(tmp_path / "b", "fixmatch", [0.4, 0.5]) + "=fm"]
+    out = tmp_path / "semi.json"
+    assert semi.main(["collect", *runs, "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert [(r["method"], r["label"]) for r in got["rows"]] == [
+        ("finetune", "finetune"), ("distill", "distill"), ("finetune", "finetune"), ("fixmatch", "fm")]
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- figures:semi-photos -->\n<!-- /figures:semi-photos -->\n")
+    assert semi.main(["figures", str(out), "--section", "semi-photos", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.count("| `finetune` |") == 1  # the same fine-tuning figures appear once
+    assert "| `distill` | 75.0 ± 7.1 (n=2) | 12 |" in text and "| `fm` | 45.0 ± 7.1 (n=2) | 12 |" in text
