@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.classifier import make_optimizer, rank_share, train_supervised
+from finetune.classifier import make_optimizer, predict_logits, rank_share, train_supervised
 from pretrain.model import unwrap
 from pretrain.optim import lr_at, set_lr
 
@@ -135,19 +135,10 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
     return {"rounds": rounds, "model_weight": float(np.mean(weights))}
 
 
-@torch.no_grad()
 def predict_features(net: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 512,
                      device: str | torch.device = "cpu") -> torch.Tensor:
     """Eval-mode backbone features of uint8 images (the classifier's `backbone` alone)."""
-    from pretrain.augment import normalize
-
-    was = net.training
-    net.eval()
-    try:
-        return torch.cat([net.backbone(normalize(images[i:i + batch_size].to(device), mean, std)).float().cpu()
-                          for i in range(0, images.shape[0], batch_size)])
-    finally:
-        net.train(was)
+    return predict_logits(net.backbone, images, mean, std, batch_size=batch_size, device=device)
 
 
 def fit_head(net: nn.Module, feats: torch.Tensor, targets: torch.Tensor, *, epochs: int, batch_size: int,
