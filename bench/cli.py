@@ -32,6 +32,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-images", type=int, default=1000, help="images per timed decode repeat")
     p.add_argument("--e2e-epochs", type=int, default=5,
                    help="reference_e2e: epochs each side trains before the kNN accuracy (default 5)")
+    p.add_argument("--e2e-seeds", type=int, default=1,
+                   help="reference_e2e: seeds each side is trained with; kNN is then compared as mean ± std (default 1)")
     p.add_argument("--memory-sizes", default="10000,100000",
                    help="memory part: image counts of the synthetic folders, comma list (default 10000,100000)")
     p.add_argument("--memory-classes", type=int, default=100, help="memory part: classes of the folders (default 100)")
@@ -59,7 +61,8 @@ def bench_main(args: argparse.Namespace) -> int:
     if unknown or not parts:
         raise UserError(f"--parts {args.parts!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; "
                         f"choose from {','.join(PARTS)}")
-    for name in ("batch", "repeats", "threads", "images", "loader_batches", "decode_images", "loader_threads", "e2e_epochs"):
+    for name in ("batch", "repeats", "threads", "images", "loader_batches", "decode_images", "loader_threads", "e2e_epochs",
+                 "e2e_seeds"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -139,7 +142,8 @@ def _run_parts(args: Any, cfg: Any, parts: list[str], loader_workers: list[int])
         b = Bench(cfg=cfg, shards=shards, manifest=manifest, image_size=image_size, batch=args.batch,
                   repeats=args.repeats, threads=threads, device=pick_device(), loader_workers=loader_workers,
                   loader_batches=args.loader_batches, decode_images=args.decode_images,
-                  loader_threads=args.loader_threads, e2e_epochs=args.e2e_epochs)
+                  loader_threads=args.loader_threads, e2e_epochs=args.e2e_epochs,
+                  e2e_seeds=args.e2e_seeds)
         results = run_bench(b, parts, log=lambda s: print(s, flush=True))
     finally:
         if made:

@@ -27,26 +27,48 @@ from typing import Any
 import torch
 
 
-def bench_reference_e2e(b: Any, epochs: int, log=print) -> dict:
-    """Ours against lightly's recipe, trained one after the other; figures per side and the ratios."""
+def bench_reference_e2e(b: Any, epochs: int, seeds: int = 1, log=print) -> dict:
+    """Ours against lightly's recipe, trained one after the other, once per seed (`pretrain.seed` + 0, 1, ...);
+    figures per side and the ratios. With several seeds, kNN accuracy is compared as mean ± std over them:
+    one run's kNN on the demo's 360 test images moves by about one standard error (~0.014) from seed to seed."""
+    import statistics
+
     from pretrain.model import build_model
     from pretrain.precision import resolve_for_model
 
     cfg = _race_config(b, epochs)
     bf16, channels_last = resolve_for_model(cfg.pretrain.precision, cfg.pretrain.channels_last,
                                             build_model(cfg.model, b.channels), b.channels, b.image_size, b.device)
-    log(f"reference_e2e: ours ({epochs} epochs, {'bf16' if bf16 else 'fp32'}"
-        f"{', channels_last' if channels_last else ''}) ...")
-    ours = _ours(cfg, b)
-    log(f"reference_e2e: lightly's recipe ({epochs} epochs, fp32) ...")
-    ref = _reference(cfg, b, steps_per_epoch=ours["steps_per_epoch"])
+    runs = []
+    for i in range(seeds):
+        seeded = copy.deepcopy(cfg)
+        seeded.pretrain.seed = cfg.pretrain.seed + i
+        log(f"reference_e2e: ours ({epochs} epochs, {'bf16' if bf16 else 'fp32'}"
+            f"{', channels_last' if channels_last else ''}, seed {seeded.pretrain.seed}) ...")
+        ours = _ours(seeded, b)
+        log(f"reference_e2e: lightly's recipe ({epochs} epochs, fp32, seed {seeded.pretrain.seed}) ...")
+        ref = _reference(seeded, b, steps_per_epoch=ours["steps_per_epoch"])
+        runs.append({"seed": seeded.pretrain.seed, "ours": ours, "reference": ref})
+
+    def spread(side: str, key: str) -> tuple[float, float]:
+        xs = [r[side][key] for r in runs]
+        return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    (ko, ko_sd), (kr, kr_sd) = spread("ours", "knn_acc"), spread("reference", "knn_acc")
+    ours, ref = runs[0]["ours"], runs[0]["reference"]
     return {
         "epochs": epochs, "batch": b.batch, "threads": b.threads, "steps_per_epoch": ours["steps_per_epoch"],
         "loader_workers": cfg.data.loader_workers, "ours_precision": "bf16" if bf16 else "fp32",
         "ours_channels_last": channels_last, "reference_precision": "fp32",
-        "ours": ours, "reference": ref,
-        "ratio": ours["images_per_s"] / ref["images_per_s"],
-        "knn_delta": ours["knn_acc"] - ref["knn_acc"],
+        "ours": ours, "reference": ref,  # the first seed's runs, whole
+        "ratio": statistics.median(r["ours"]["images_per_s"] / r["reference"]["images_per_s"] for r in runs),
+        "knn_delta": ko - kr,
+        "seeds": len(runs), "knn_ours_mean": ko, "knn_ours_std": ko_sd,
+        "knn_reference_mean": kr, "knn_reference_std": kr_sd,
+        "runs": [{"seed": r["seed"], "ours_images_per_s": r["ours"]["images_per_s"],
+                  "reference_images_per_s": r["reference"]["images_per_s"],
+                  "ours_knn_acc": r["ours"]["knn_acc"], "reference_knn_acc": r["reference"]["knn_acc"]}
+                 for r in runs],
     }
 
 

@@ -59,6 +59,10 @@ def table(r: dict) -> str:
             add("ray", f"launch to first step, Ray, after ray.init ({y['ray_init_s']:.3g} s)",
                 y["ray_launch_after_init_s"], "s")
             add("ray", "launch ratio Ray (after ray.init) / --local", y["launch_ratio"], "x")
+            if "ray_train_start_s" in y:
+                add("ray", "  of which Ray Train starting its controller and worker processes", y["ray_train_start_s"], "s")
+                add("ray", "  of which setup to first step in the worker / in-process", y["ray_setup_to_first_step_s"],
+                    f"s / {y['local_setup_to_first_step_s']:.3g} s")
             add("ray", "per-epoch report: metrics only / with checkpoint", y["report_s"],
                 f"s / {y['checkpoint_report_s']:.3g} s (step {y['step_s']:.3g} s)")
     if "scaling" in r:
@@ -82,9 +86,19 @@ def table(r: dict) -> str:
             e["ours"]["images_per_s"], "img/s")
         add("reference_e2e", f"lightly's recipe ({e['reference_precision']}), {how}", e["reference"]["images_per_s"],
             "img/s")
-        add("reference_e2e", "ratio ours/reference", e["ratio"], "x")
-        rows.append(("reference_e2e", "kNN accuracy ours / reference",
-                     f"{e['ours']['knn_acc']:.3f} / {e['reference']['knn_acc']:.3f}"))
+        if e.get("seeds", 1) > 1:
+            add("reference_e2e", f"ratio ours/reference, median of {e['seeds']} seeds", e["ratio"], "x")
+            rows.append(("reference_e2e", f"kNN accuracy ours / reference, mean ± std of {e['seeds']} seeds",
+                         f"{e['knn_ours_mean']:.3f} ± {e['knn_ours_std']:.3f} / "
+                         f"{e['knn_reference_mean']:.3f} ± {e['knn_reference_std']:.3f}"))
+            for run in e["runs"]:
+                rows.append(("reference_e2e", f"  seed {run['seed']}: img/s, kNN ours / reference",
+                             f"{run['ours_images_per_s']:.3g} / {run['reference_images_per_s']:.3g} img/s, "
+                             f"{run['ours_knn_acc']:.3f} / {run['reference_knn_acc']:.3f}"))
+        else:
+            add("reference_e2e", "ratio ours/reference", e["ratio"], "x")
+            rows.append(("reference_e2e", "kNN accuracy ours / reference",
+                         f"{e['ours']['knn_acc']:.3f} / {e['reference']['knn_acc']:.3f}"))
     if "memory" in r:
         from bench.memory import memory_rows
 

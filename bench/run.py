@@ -98,6 +98,7 @@ class Bench:
     loader_threads: int = 1
     decode_images: int = 1000
     e2e_epochs: int = 5  # reference_e2e: epochs each side trains
+    e2e_seeds: int = 1  # reference_e2e: seeds each side is trained with
     warmup: int = 1
     splits: tuple[str, ...] = ("train", "unlabeled")
 
@@ -381,6 +382,7 @@ def steps_loop(config: dict) -> dict:
     the same views already in memory: the model-only figure, measured alternately with the end-to-end one
     so that both see the same machine (others' load comes and goes).
     """
+    entered_at = time.time()  # under Ray: after Train's controller and worker processes have started
     from runtime.launch import session
 
     sess = session()
@@ -412,6 +414,7 @@ def steps_loop(config: dict) -> dict:
                 model_s.append(time.perf_counter() - t3)
     views.close()
     out = {"step_s": step_s, "data_s": data_s, "model_s": model_s, "first_step_at": first_step_at,
+           "entered_at": entered_at,
            "world_size": world, "threads": config["threads"], "worker": worker}
     if config.get("time_reports"):
         out["report_s"], out["checkpoint_report_s"] = _time_reports(sess, step)
@@ -464,7 +467,8 @@ def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, m
     cfg.trainer.resources_per_worker = {} if workers == 0 else {"CPU": b.threads / workers}
     if cfg.trainer.use_gpu and workers:
         cfg.trainer.resources_per_worker["GPU"] = 1
-    launched = started if started is not None else time.time()
+    fit_at = time.time()
+    launched = started if started is not None else fit_at
     r = run_training(steps_loop, {"bench": b, "threads": threads, "model_only": model_only, **extra}, cfg,
                      local=workers == 0,
                      name=f"bench-{workers or 'local'}-{int(time.time() * 1000)}")
@@ -472,6 +476,9 @@ def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, m
     return {"workers": max(1, workers), "threads_per_worker": threads, "images_per_s": b.batch / step,
             "steps_per_s": 1 / step, "data_s": median(r["data_s"]),
             "launch_to_first_step_s": r["first_step_at"] - launched, "runs_s": r["step_s"],
+            # launch split in two: up to our function running (under Ray: Train's controller and worker
+            # processes starting), then our own setup (loader, model, first step)
+            "start_to_entry_s": r["entered_at"] - fit_at, "entry_to_first_step_s": r["first_step_at"] - r["entered_at"],
             "model_runs_s": r["model_s"], "data_runs_s": r["data_s"], "worker": r["worker"],
             **{k: r[k] for k in ("report_s", "checkpoint_report_s") if k in r}}
 
@@ -525,7 +532,7 @@ def run_bench(b: Bench, parts: list[str], log: Callable[[str], None] = print) ->
         if "reference_e2e" in parts:
             from bench.e2e import bench_reference_e2e
 
-            results["reference_e2e"] = bench_reference_e2e(b, b.e2e_epochs, log)
+            results["reference_e2e"] = bench_reference_e2e(b, b.e2e_epochs, b.e2e_seeds, log)
             torch.set_num_threads(b.threads)
     finally:
         if ray.is_initialized():
@@ -558,6 +565,8 @@ def _ray_parts(b: Bench, parts: list[str], local: dict | None, tmp: str, log: Ca
             "ray_launch_after_init_s": after_init,
             "local_launch_to_first_step_s": local["launch_to_first_step_s"],
             "launch_ratio": after_init / local["launch_to_first_step_s"],
+            "ray_train_start_s": one["start_to_entry_s"], "ray_setup_to_first_step_s": one["entry_to_first_step_s"],
+            "local_setup_to_first_step_s": local["entry_to_first_step_s"],
             "ray_runs_s": one["runs_s"], "local_runs_s": local["runs_s"],
             # the candidate causes, measured: what each process was given, and the per-epoch report costs
             "ray_worker": one["worker"], "local_worker": local["worker"],
