@@ -156,7 +156,8 @@ def measure(args) -> None:
              "finetune_acc": acc(tuned)}
         for name, spread, he, e in (("former", lambda lab=lab, labels=labels: old_propagate(feats, lab, labels, nc), 0, 10),
                                     ("current", lambda lab=lab, labels=labels: propagate(feats, lab, labels, nc, k=ft.spread_k,
-                                                                  alpha=ft.spread_alpha), ft.distill_head_epochs,
+                                                                  alpha=ft.spread_alpha, prior=ft.spread_prior),
+                                     ft.distill_head_epochs,
                                      ft.semi_epochs)):
             model = copy.deepcopy(tuned)
             t = time.process_time()

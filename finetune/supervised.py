@@ -113,7 +113,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                     labeled = np.array([pool["index"][k] for k in job["keys"] if k in pool["index"]], dtype=np.int64)
                     pool_y = pool["labels"][labeled].numpy()
                     soft = propagate(pool["features"], labeled, pool_y, int(arch["num_classes"]),
-                                     k=ft.spread_k, alpha=ft.spread_alpha)
+                                     k=ft.spread_k, alpha=ft.spread_alpha, prior=ft.spread_prior)
                     stats = distill(model, pool["images"], soft, labeled, pool_y, augs["mild"],
                                     rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
                                     lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,

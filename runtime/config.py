@@ -141,7 +141,7 @@ class OptimConfig:
 class PretrainConfig:
     """SimCLR pretraining: budget, loss, checkpoints and the kNN monitor."""
 
-    epochs: int = _opt(20, "passes over the train (+ unlabeled) split")
+    epochs: int = _opt(40, "passes over the train (+ unlabeled) split")
     global_batch_size: int = _opt(128, "images per step over all workers, split evenly over them")
     temperature: float = _opt(0.1, "NT-Xent temperature")
     checkpoint_every: int = _opt(1, "epochs between checkpoints (a lost worker costs at most this)")
@@ -255,9 +255,12 @@ class FinetuneConfig:
     distill_rounds: int = _opt(1, "distill: rounds; > 1 distils again, blending with the last student")
     distill_head_epochs: int = _opt(20, "distill: passes of the classifier's head over the backbone's features "
                                         "of the pool (computed once) before the semi_epochs passes; 0: none")
-    spread_k: int = _opt(5, "distill: neighbours in label spreading's kNN graph")
+    spread_k: int = _opt(3, "distill: neighbours in label spreading's kNN graph")
     spread_alpha: float = _opt(0.95, "distill: label spreading's clamping (0 keeps the labels, 1 takes all "
                                      "from neighbours)")
+    spread_prior: Literal["uniform", "labels"] = _opt(
+        "uniform", "distill: the class shares label spreading's result is rescaled to: uniform (the labeled classes "
+        "alike) | labels (the labeled subset's, add-one smoothed)")
     unlabeled_pool: int = _opt(50000, "distill: at most this many train and as many unlabeled images in memory "
                                       "(seeded samples; 0: the labeled images only)")
     labeled_in_memory: int = _opt(20000, "labeled subsets up to this size are held in memory; larger are streamed")

@@ -39,6 +39,7 @@ def test_overrides_are_typed():
     ("data.labeled_fractions=1.5", "labeled_fractions"),
     ("finetune.methods=[pixels,magic]", "magic"),
     ("finetune.distill_head_epochs=-1", "finetune.distill_head_epochs"),
+    ("finetune.spread_prior=median", "uniform, labels"),
     ("nonsense", "key.sub=value"),
 ])
 def test_bad_values_are_one_line_errors(override, needle):

@@ -134,6 +134,25 @@ def test_label_spreading_keeps_each_class_share_of_the_labels(data):
     assert np.allclose(unbalanced.sum(1), 1, atol=1e-5) and (unbalanced[labeled].argmax(1) == y[labeled]).all()
 
 
+def test_label_spreading_prior_uniform_or_the_labels_shares(data):
+    """Digits' 15-label subsets seed half the classes once and half twice. `uniform` (the default) gives every
+    labeled class about the same share of the pool; `labels` gives a class seeded once two thirds of the share
+    of one seeded twice (add-one smoothed counts 2 : 3). On raw pixels of the digits train split."""
+    from finetune.semi import propagate
+
+    images, labels, _ = load_split(str(data["shards"]), "train")
+    x = images.reshape(len(images), -1).float().numpy()
+    y = labels.numpy()
+    labeled = np.concatenate([np.flatnonzero(y == c)[:1 if c < 5 else 2] for c in range(10)])
+    soft = {p: propagate(x, labeled, y[labeled], num_classes=10, prior=p) for p in ("uniform", "labels")}
+    assert np.allclose(soft["uniform"].mean(0), 0.1, atol=0.01)
+    once, twice = soft["labels"].mean(0)[:5].mean(), soft["labels"].mean(0)[5:].mean()
+    assert abs(once / twice - 2 / 3) < 0.05
+    assert np.array_equal(propagate(x, labeled, y[labeled], num_classes=10), soft["uniform"])
+    with pytest.raises(ValueError, match="uniform"):
+        propagate(x, labeled, y[labeled], num_classes=10, prior="median")
+
+
 def test_knn_graph_is_the_same_built_in_small_blocks():
     """The spreading graph is built in row blocks (bounded memory on large pools): blocks of 7 similarities give
     the same symmetric, normalised graph as one block."""
