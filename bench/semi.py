@@ -21,8 +21,8 @@ from runtime.errors import UserError, run_cli
 from runtime.files import fill_marked_block
 
 README = Path(__file__).with_name("README.md")
-SETTINGS = ("semi_epochs", "semi_lr", "distill_rounds", "spread_k", "spread_alpha", "fixmatch_threshold",
-            "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from")
+SETTINGS = ("semi_epochs", "distill_head_epochs", "semi_lr", "distill_rounds", "spread_k", "spread_alpha",
+            "fixmatch_threshold", "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from")
 
 
 def _report(run: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -49,6 +49,8 @@ def collect(runs: list[str]) -> dict[str, Any]:
         run, _, label = spec.partition("=")
         report, cfg = _report(run)
         dataset = dataset or report.get("dataset")
+        # distill's check on the train images outside each labeled subset (no test image), where the run has it
+        heldout = {h["label_fraction"]: h for h in report.get("semi_heldout") or []}
         for r in report["results"]:
             if r["method"] not in ("finetune", "semi") or r["label_fraction"] >= 1:
                 continue
@@ -56,13 +58,17 @@ def collect(runs: list[str]) -> dict[str, Any]:
             rows.append({"method": method, "label": (label or method) if r["method"] == "semi" else method, "run": run,
                          **{k: r[k] for k in ("label_fraction", "labels", "accuracy_mean", "accuracy_std", "seeds",
                                               "accuracies", "compute_s")},
+                         "heldout": (heldout.get(r["label_fraction"]) or {}).get(r["method"]),
+                         "encoder_knn_acc": report.get("encoder_knn_acc"),
                          "settings": {k: cfg[k] for k in SETTINGS if k in cfg}})
     return {"dataset": dataset, "rows": rows}
 
 
 def table(results: dict[str, Any]) -> str:
-    """One row per (label, run): accuracy (%) mean ± std (seeds) and compute seconds per fraction; `finetune`
-    rows once per encoder run (the same fine-tuning in every run on one encoder)."""
+    """One row per (label, run): accuracy (%) mean ± std (seeds), the accuracy on the train images outside the
+    labeled subsets where the run measured it (`held-out`: no test image, what a default can be chosen by) and
+    compute seconds per fraction; `finetune` rows once per encoder run (the same fine-tuning in every run on one
+    encoder)."""
     fractions = sorted({r["label_fraction"] for r in results["rows"]})
     keyed: dict[tuple[str, str], dict[float, dict]] = {}
     seen_finetune: set[tuple[float, tuple]] = set()
@@ -76,15 +82,16 @@ def table(results: dict[str, Any]) -> str:
         if r["label_fraction"] in keyed.get(key, {}):
             key = (r["label"], r["run"])
         keyed.setdefault(key, {})[r["label_fraction"]] = r
-    head = "| method | " + " | ".join(f"{f * 100:g} %: accuracy | compute (s)" for f in fractions) + " |"
-    lines = [head, "|---" * (2 * len(fractions) + 1) + "|"]
+    head = "| method | " + " | ".join(f"{f * 100:g} %: accuracy | held-out | compute (s)" for f in fractions) + " |"
+    lines = [head, "|---" * (3 * len(fractions) + 1) + "|"]
     for (label, _), by_f in keyed.items():
         cells = []
         for f in fractions:
             r = by_f.get(f)
-            cells += (["", ""] if r is None else
+            cells += (["", "", ""] if r is None else
                       [f"{r['accuracy_mean'] * 100:.1f}" + (f" ± {r['accuracy_std'] * 100:.1f}" if r["seeds"] > 1 else "")
                        + f" (n={r['seeds']})",
+                       "" if r.get("heldout") is None else f"{r['heldout'] * 100:.1f}",
                        f"{r['compute_s']:.0f}"])
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -170,6 +170,11 @@ def test_distill_head_epochs_fit_the_head_to_the_teacher_on_cached_features(data
     assert stats["rounds"] == 1
     assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
     assert agree() > max(start, 0.5)
+    # the pool's predicted classes before and after, as the model itself predicts them
+    now = clf.predict_logits(model, images, mean, std).argmax(1).numpy()
+    assert stats["pool_before"].shape == stats["pool_after"].shape == (len(images),)
+    assert (stats["pool_after"] == now).mean() > 0.99
+    assert (stats["pool_after"] == soft.argmax(1)).mean() > (stats["pool_before"] == soft.argmax(1)).mean()
 
 
 def test_the_teacher_trusts_the_model_only_as_far_as_it_agrees_with_label_spreading():
@@ -260,6 +265,12 @@ def test_report_rows_are_complete_and_accuracies_are_fractions(run):
         assert r["accuracy_mean"] == pytest.approx(sum(r["accuracies"]) / len(r["accuracies"]))
         assert r["labels"] == {0.01: 15, 0.1: 144, 1.0: 1437}[r["label_fraction"]]
     assert report["semi_method"] == "distill"
+    # distill's check without the test split: on the train images outside each subset (1437 minus its labels)
+    held = {h["label_fraction"]: h for h in report["semi_heldout"]}
+    assert set(held) == {0.01, 0.1} and held[0.01]["images"] == 1437 - 15 and held[0.1]["images"] == 1437 - 144
+    assert all(h["seeds"] == 2 and all(0.0 <= h[k] <= 1.0 for k in ("teacher", "finetune", "semi"))
+               for h in held.values())
+    assert [h["seed_index"] for h in held[0.1]["by_seed"]] == [0, 1]
     assert report["execution"] == "tasks"  # trainer.num_workers=2 by default: one Ray task per labeled subset
     md = (run / "report.md").read_text()
     assert "| method |" in md and "15 labels" in md and "144 labels" in md
