@@ -548,3 +548,28 @@ def test_the_shipped_classifier_does_not_depend_on_the_test_labels(data, tmp_pat
     wa, wb = (load_file(str(d / "classifiers" / shipped.name / "model.safetensors")) for d in (a, b))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], msg=k)
+
+
+def test_bench_teacher_scores_label_spreading_on_train_images_outside_each_subset(data, tmp_path):
+    """bench.teacher (pretraining levers judged without the test split): per fraction, one accuracy per labeled
+    subset, on the train images outside it, written into README markers from its JSON."""
+    import yaml
+
+    from bench import teacher
+
+    enc = tmp_path / "enc"
+    shutil.copytree(data["encoder"], enc)
+    (enc / "config.yaml").write_text(yaml.safe_dump({"data": {"shards": str(data["shards"]), "seed": 0},
+                                                     "finetune": {"spread_k": 10, "spread_alpha": 0.8}}))
+    out = tmp_path / "t.json"
+    assert teacher.main(["collect", f"{enc}=tiny", "--seeds", "2", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["runs"][0]
+    assert got["label"] == "tiny" and got["pretrain_s"] is None
+    by_f = {f["label_fraction"]: f for f in got["fractions"]}
+    assert set(by_f) == {0.01, 0.1} and by_f[0.1]["images"] == 1437 - 144 and by_f[0.01]["labels"] == 15
+    assert all(len(f["accuracies"]) == 2 and all(0.0 <= a <= 1.0 for a in f["accuracies"]) for f in by_f.values())
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- figures:t -->\n<!-- /figures:t -->\n")
+    assert teacher.main(["figures", str(out), "--section", "t", "--readme", str(readme)]) == 0
+    assert f"| `tiny` | {by_f[0.01]['mean'] * 100:.1f} ± " in readme.read_text()
+    assert teacher.main(["collect", str(tmp_path / "none"), "--out", str(out)]) != 0  # one line, no traceback
