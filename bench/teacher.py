@@ -35,9 +35,9 @@ def _setting(cfg: dict[str, Any], dotted: str) -> Any:
     return (cfg.get(section) or {}).get(key)
 
 
-def run_figures(run: str, seeds: int) -> dict[str, Any]:
+def run_figures(run: str, seeds: int, spread_k: int | None = None, spread_alpha: float | None = None) -> dict[str, Any]:
     """One encoder run's teacher accuracies: {run, settings, knn_acc, pretrain_s, fractions: [{label_fraction,
-    labels, images, accuracies, mean, std}]}."""
+    labels, images, accuracies, mean, std}]}; `spread_k`/`spread_alpha` override the run's config."""
     import yaml
 
     from finetune.data import pool_images
@@ -63,14 +63,15 @@ def run_figures(run: str, seeds: int) -> dict[str, Any]:
                                        int(cfg["data"].get("seed", 0)), size)
     feats = encode(backbone, images, manifest["mean"], manifest["std"]).numpy()
     index, y = {k: i for i, k in enumerate(keys)}, labels.numpy()
+    k = int(spread_k if spread_k is not None else ft.get("spread_k", 5))
+    alpha = float(spread_alpha if spread_alpha is not None else ft.get("spread_alpha", 0.95))
     out = []
     for f in [f for f in fractions_to_run(None, manifest) if f < 1]:
         accs, n_labels, n_images = [], 0, 0
         for s in range(seeds):
             subset = labeled_subset(shards, manifest, f, s, train_keys, train_y.tolist())
             labeled = np.array([index[k] for k in subset], dtype=np.int64)
-            soft = propagate(feats, labeled, y[labeled], len(manifest["classes"]), k=int(ft.get("spread_k", 5)),
-                             alpha=float(ft.get("spread_alpha", 0.95)))
+            soft = propagate(feats, labeled, y[labeled], len(manifest["classes"]), k=k, alpha=alpha)
             held = np.setdiff1d(np.flatnonzero(y >= 0), labeled)
             accs.append(float((soft[held].argmax(1) == y[held]).mean()))
             n_labels, n_images = len(subset), len(held)
@@ -78,7 +79,8 @@ def run_figures(run: str, seeds: int) -> dict[str, Any]:
                     "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0})
     m_path = d / "metrics.jsonl"
     metrics = [json.loads(line) for line in m_path.read_text().splitlines() if line.strip()] if m_path.is_file() else []
-    return {"run": run, "settings": {k: _setting(cfg, k) for k in SETTINGS}, "knn_acc": meta.get("knn_acc"),
+    settings = {**{name: _setting(cfg, name) for name in SETTINGS}, "finetune.spread_k": k, "finetune.spread_alpha": alpha}
+    return {"run": run, "settings": settings, "knn_acc": meta.get("knn_acc"),
             "pretrain_s": round(sum(m.get("epoch_s", 0.0) for m in metrics), 1) if metrics else None, "fractions": out}
 
 
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("collect", help="label spreading's held-out accuracy for each pretraining run, into one JSON")
     c.add_argument("runs", nargs="+", help="RUN_DIR (a finished pretraining run), optionally RUN_DIR=label")
     c.add_argument("--seeds", type=int, default=5, help="labeled subsets per fraction (default 5)")
+    c.add_argument("--spread-k", type=int, default=None, help="label spreading's k (default: each run's config)")
+    c.add_argument("--spread-alpha", type=float, default=None,
+                   help="label spreading's alpha (default: each run's config)")
+    c.add_argument("--append", action="store_true", help="add these rows to --out's runs instead of replacing them")
     c.add_argument("--out", required=True, help="the JSON to write")
     f = sub.add_parser("figures", help="write a collected JSON's table into bench/README.md")
     f.add_argument("json")
@@ -117,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "collect":
             if args.seeds < 1:
                 raise UserError(f"--seeds must be at least 1, got {args.seeds}")
-            runs = []
+            out = Path(args.out)
+            runs = json.loads(out.read_text())["runs"] if args.append and out.is_file() else []
             for spec in args.runs:
                 run, _, label = spec.partition("=")
-                runs.append({"label": label or Path(run).name, **run_figures(run, args.seeds)})
+                runs.append({"label": label or Path(run).name,
+                             **run_figures(run, args.seeds, args.spread_k, args.spread_alpha)})
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"runs": runs}, indent=2) + "\n")
-            print(f"{args.out}: {len(runs)} encoders")
+            print(f"{args.out}: {len(runs)} rows")
         else:
             results = json.loads(Path(args.json).read_text())
             fill_marked_block(args.readme, args.section, f"From `{args.json}`:\n\n" + table(results))

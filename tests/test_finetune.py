@@ -572,4 +572,8 @@ def test_bench_teacher_scores_label_spreading_on_train_images_outside_each_subse
     readme.write_text("<!-- figures:t -->\n<!-- /figures:t -->\n")
     assert teacher.main(["figures", str(out), "--section", "t", "--readme", str(readme)]) == 0
     assert f"| `tiny` | {by_f[0.01]['mean'] * 100:.1f} ± " in readme.read_text()
+    assert got["settings"]["finetune.spread_k"] == 10  # from the run's config
+    assert teacher.main(["collect", f"{enc}=k5", "--seeds", "1", "--spread-k", "5", "--append", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["runs"]
+    assert [r["label"] for r in rows] == ["tiny", "k5"] and rows[1]["settings"]["finetune.spread_k"] == 5
     assert teacher.main(["collect", str(tmp_path / "none"), "--out", str(out)]) != 0  # one line, no traceback
