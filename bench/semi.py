@@ -17,12 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runtime.errors import UserError, run_cli
 from runtime.files import fill_marked_block
 
 README = Path(__file__).with_name("README.md")
-SETTINGS = ("semi_epochs", "semi_lr", "distill_rounds", "spread_k", "spread_alpha", "fixmatch_threshold",
-            "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from")
+SETTINGS = ("semi_epochs", "distill_head_epochs", "semi_lr", "distill_rounds", "spread_k", "spread_alpha",
+            "fixmatch_threshold", "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from")
 
 
 def _report(run: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -41,28 +43,51 @@ def _report(run: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return report, cfg
 
 
-def collect(runs: list[str]) -> dict[str, Any]:
+def _first(r: dict[str, Any], held: dict[str, Any] | None, method: str, seeds: int | None) -> dict[str, Any]:
+    """The row's figures, over its first `seeds` labeled subsets only (None: all): accuracies, mean, std, the
+    held-out accuracy (from the run's per-subset `by_seed`), and compute scaled to those subsets (the run's mean
+    seconds per subset times their number)."""
+    accs = r["accuracies"] if seeds is None else r["accuracies"][:seeds]
+    out = {"labels": r["labels"], "label_fraction": r["label_fraction"], "accuracies": accs, "seeds": len(accs),
+           "accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+           "compute_s": round(r["compute_s"] * len(accs) / max(1, len(r["accuracies"])), 2)}
+    out["heldout"] = None
+    if held is not None:
+        subsets = held.get("by_seed") or []
+        if seeds is not None and subsets:
+            out["heldout"] = float(np.mean([h[method] for h in subsets[:seeds]]))
+        elif seeds is None:
+            out["heldout"] = held.get(method)
+    return out
+
+
+def collect(runs: list[str], seeds: int | None = None) -> dict[str, Any]:
     """{"dataset", "rows": [{method, label, run, label_fraction, labels, accuracy_mean, accuracy_std, seeds,
-    accuracies, compute_s, settings}]} from each run's report.json."""
+    accuracies, compute_s, heldout, settings}]} from each run's report.json; `seeds`: only the first that many
+    labeled subsets of every row, so that runs of different lengths compare on the same subsets."""
     rows, dataset = [], None
     for spec in runs:
         run, _, label = spec.partition("=")
         report, cfg = _report(run)
         dataset = dataset or report.get("dataset")
+        # distill's check on the train images outside each labeled subset (no test image), where the run has it
+        heldout = {h["label_fraction"]: h for h in report.get("semi_heldout") or []}
         for r in report["results"]:
             if r["method"] not in ("finetune", "semi") or r["label_fraction"] >= 1:
                 continue
             method = r["method"] if r["method"] == "finetune" else report.get("semi_method") or "semi"
             rows.append({"method": method, "label": (label or method) if r["method"] == "semi" else method, "run": run,
-                         **{k: r[k] for k in ("label_fraction", "labels", "accuracy_mean", "accuracy_std", "seeds",
-                                              "accuracies", "compute_s")},
+                         **_first(r, heldout.get(r["label_fraction"]), r["method"], seeds),
+                         "encoder_knn_acc": report.get("encoder_knn_acc"),
                          "settings": {k: cfg[k] for k in SETTINGS if k in cfg}})
     return {"dataset": dataset, "rows": rows}
 
 
 def table(results: dict[str, Any]) -> str:
-    """One row per (label, run): accuracy (%) mean ± std (seeds) and compute seconds per fraction; `finetune`
-    rows once per encoder run (the same fine-tuning in every run on one encoder)."""
+    """One row per (label, run): accuracy (%) mean ± std (seeds), the accuracy on the train images outside the
+    labeled subsets where the run measured it (`held-out`: no test image, what a default can be chosen by) and
+    compute seconds per fraction; `finetune` rows once per encoder run (the same fine-tuning in every run on one
+    encoder)."""
     fractions = sorted({r["label_fraction"] for r in results["rows"]})
     keyed: dict[tuple[str, str], dict[float, dict]] = {}
     seen_finetune: set[tuple[float, tuple]] = set()
@@ -76,15 +101,16 @@ def table(results: dict[str, Any]) -> str:
         if r["label_fraction"] in keyed.get(key, {}):
             key = (r["label"], r["run"])
         keyed.setdefault(key, {})[r["label_fraction"]] = r
-    head = "| method | " + " | ".join(f"{f * 100:g} %: accuracy | compute (s)" for f in fractions) + " |"
-    lines = [head, "|---" * (2 * len(fractions) + 1) + "|"]
+    head = "| method | " + " | ".join(f"{f * 100:g} %: accuracy | held-out | compute (s)" for f in fractions) + " |"
+    lines = [head, "|---" * (3 * len(fractions) + 1) + "|"]
     for (label, _), by_f in keyed.items():
         cells = []
         for f in fractions:
             r = by_f.get(f)
-            cells += (["", ""] if r is None else
+            cells += (["", "", ""] if r is None else
                       [f"{r['accuracy_mean'] * 100:.1f}" + (f" ± {r['accuracy_std'] * 100:.1f}" if r["seeds"] > 1 else "")
                        + f" (n={r['seeds']})",
+                       "" if r.get("heldout") is None else f"{r['heldout'] * 100:.1f}",
                        f"{r['compute_s']:.0f}"])
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -96,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("collect", help="gather finetune/semi rows from fine-tuning runs into one JSON")
     c.add_argument("runs", nargs="+", help="RUN_DIR (holding report.json), optionally RUN_DIR=label")
     c.add_argument("--out", required=True, help="the JSON to write")
+    c.add_argument("--seeds", type=int, default=None,
+                   help="only the first N labeled subsets of every run (runs of different lengths, same subsets)")
     f = sub.add_parser("figures", help="write a collected JSON's table into bench/README.md")
     f.add_argument("json")
     f.add_argument("--section", required=True)
@@ -104,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         if args.cmd == "collect":
-            out = collect(args.runs)
+            if args.seeds is not None and args.seeds < 1:
+                raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+            out = collect(args.runs, args.seeds)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
             print(f"{args.out}: {len(out['rows'])} rows from {len(args.runs)} runs")

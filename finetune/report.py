@@ -208,6 +208,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report.get("semi_method"):
         lines.append(f"`semi` is {SEMI_METHODS.get(report['semi_method'], report['semi_method'])}, started from "
                      "each seed's `finetune` model; its compute time includes that fine-tuning.")
+    for h in report.get("semi_heldout") or []:
+        lines.append(f"Without the test split, on the ~{h['images']} train images outside each {_pct(h['label_fraction'])} "
+                     f"subset (mean of {h['seeds']}): label spreading {h['teacher'] * 100:.1f}%, `finetune` "
+                     f"{h['finetune'] * 100:.1f}%, `semi` {h['semi'] * 100:.1f}%.")
     lines += selection_markdown(report)
     lines += ["", "![label efficiency](label_efficiency.png)", ""]
     return "\n".join(lines)

@@ -246,12 +246,14 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
                                        "accuracy": b["accuracy"], "selection": SELECTION})
     mask = [r["mask_rate"] for r in results if "mask_rate" in r]
     weight = [r["model_weight"] for r in results if "model_weight" in r]
+    heldout = semi_heldout(results)
     report = build_report(
         manifest.get("source", cfg.data.source), str(Path(cfg.encoder_dir).resolve()) if meta else None, rows,
         semi_method=ft.semi_method if "semi" in ft.methods else None, semi_mask_rate=mask or None, semi_model_weight=weight or None,
         start_from=ft.start_from, test_samples=len(test_keys), classes=classes, classifiers=saved,
         encoder_knn_acc=(meta or {}).get("knn_acc"), encode_s=round(encode_s, 2), shards=str(cfg.data.shards),
-        num_workers=workers, execution=mode, image_size=size, pixels_max_samples=ft.pixels_max_samples)
+        num_workers=workers, execution=mode, image_size=size, pixels_max_samples=ft.pixels_max_samples,
+        **({"semi_heldout": heldout} if heldout else {}))
     embedding = None
     if backbone is not None:  # a picture of what the encoder learned, beside the report (report.json says so)
         embedding = write_embedding(backbone, cfg.data.shards, test_keys, classes, size, mean, std,
@@ -295,6 +297,18 @@ def summary_values(report: dict[str, Any]) -> dict[str, float]:
         key = _metric(r["method"], r["label_fraction"], r.get("selection", BALANCED))
         out[key], out[f"{key}_std"] = r["accuracy_mean"], r["accuracy_std"]
     return out
+
+
+def semi_heldout(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per labeled fraction, the mean over subsets of distill's check on the train images outside each labeled
+    subset (`finetune.supervised.heldout_accuracy`): teacher, fine-tuned and distilled accuracy, no test image."""
+    by: dict[float, list[dict[str, Any]]] = defaultdict(list)
+    for r in sorted(results, key=lambda r: r["seed_index"]):
+        if r.get("heldout", {}).get("images") and r.get("selection", BALANCED) == BALANCED:
+            by[r["fraction"]].append({"seed_index": r["seed_index"], **r["heldout"]})
+    return [{"label_fraction": f, "seeds": len(hs), "images": int(np.mean([h["images"] for h in hs])),
+             **{k: round(float(np.mean([h[k] for h in hs])), 4) for k in ("teacher", "finetune", "semi")},
+             "by_seed": hs} for f, hs in sorted(by.items())]
 
 
 def _metric(method: str, fraction: float, selection: str) -> str:

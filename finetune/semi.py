@@ -127,17 +127,16 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
     `labels`) always keep their one-hot labels. `head_epochs` > 0: first the classifier's head (everything
     after the backbone) is fit to the teacher on the backbone's features of the pool, computed once (a
     forward pass, no augmentation: nearly free), so the `epochs` passes of the whole network start from a
-    model that already agrees with the teacher."""
+    model that already agrees with the teacher. Besides `rounds` and `model_weight`, returns every pool image's
+    predicted class before (`pool_before`: the fine-tuned model's) and after (`pool_after`)."""
     onehot = np.eye(propagated.shape[1], dtype=np.float32)[labels]
-    weights = []
+    weights, before = [], None
     for r in range(rounds):
         net = unwrap(model)
         feats = predict_features(net, pool, mean, std, device=device)
-        with torch.no_grad():
-            was = net.training
-            net.eval()
-            own = F.softmax(net.fc(net.hidden(feats.to(device))).float().cpu(), dim=1).numpy()
-            net.train(was)
+        own = head_probs(net, feats, device)
+        if before is None:
+            before = own.argmax(1)
         teacher, w = blend(propagated, own)
         weights.append(w)
         teacher[labeled] = onehot
@@ -148,7 +147,20 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
             train_supervised(model, pool, torch.from_numpy(teacher), augment, epochs=epochs, batch_size=batch_size,
                              lr=lr, weight_decay=weight_decay, seed=seed + r, rank=rank, world_size=world_size,
                              device=device)
-    return {"rounds": rounds, "model_weight": float(np.mean(weights))}
+    if epochs > 0:  # the backbone moved: its features again (head-only rounds leave them as they were)
+        feats = predict_features(net, pool, mean, std, device=device)
+    return {"rounds": rounds, "model_weight": float(np.mean(weights)), "pool_before": before,
+            "pool_after": head_probs(net, feats, device).argmax(1)}
+
+
+def head_probs(net: nn.Module, feats: torch.Tensor, device: str | torch.device = "cpu") -> np.ndarray:
+    """Eval-mode class probabilities of the classifier's head (`hidden` + `fc`) on backbone features."""
+    with torch.no_grad():
+        was = net.training
+        net.eval()
+        out = F.softmax(net.fc(net.hidden(feats.to(device))).float().cpu(), dim=1).numpy()
+        net.train(was)
+    return out
 
 
 def predict_features(net: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 512,

@@ -118,6 +118,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                                     rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
                                     lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,
                                     rank=rank, world_size=world, device=device, head_epochs=ft.distill_head_epochs)
+                    stats["heldout"] = heldout_accuracy(pool, set(job["keys"]), soft, stats)
                 elif method == "semi":
                     loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],
                                          batch_size=max(1, config["unlabeled_batch"] // world), rank=rank,
@@ -140,6 +141,8 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                    "pred": pred.astype(np.int64), "seconds": seconds}
             if method == "semi":
                 row.update({k: round(stats[k], 4) for k in ("mask_rate", "model_weight") if k in stats})
+                if "heldout" in stats:
+                    row["heldout"] = stats["heldout"]
             results.append(row)
             if config.get("report_runs"):  # the driver's display follows the runs (every rank reports)
                 sess.report({"run": {k: v for k, v in row.items() if k != "pred"}, "labels": n_labels})
@@ -152,6 +155,21 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                 best[fraction] = {**row, "state": {k: v.detach().cpu().numpy().copy()
                                                    for k, v in unwrap(model).state_dict().items()}}
     return {"results": results, "best": best}
+
+
+def heldout_accuracy(pool: dict[str, Any], labeled_keys: set[str], soft: np.ndarray,
+                     stats: dict[str, Any]) -> dict[str, float]:
+    """A check without the test split: on the pool's train images outside the labeled subset (their labels
+    are in the shards but no method trained on them), the accuracy of label spreading's labels (`teacher`),
+    of the fine-tuned model `semi` started from (`finetune`) and of the distilled one (`semi`)."""
+    idx = np.array([i for k, i in pool["index"].items() if k not in labeled_keys and int(pool["labels"][i]) >= 0],
+                   dtype=np.int64)
+    if not len(idx):
+        return {"images": 0}
+    y = pool["labels"][idx].numpy()
+    return {"images": int(len(idx)), "teacher": round(float((soft[idx].argmax(1) == y).mean()), 4),
+            "finetune": round(float((stats["pool_before"][idx] == y).mean()), 4),
+            "semi": round(float((stats["pool_after"][idx] == y).mean()), 4)}
 
 
 def _pool(config: dict[str, Any], labeled_keys: list[str], backbone: torch.nn.Module) -> dict[str, Any]:

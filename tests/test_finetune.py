@@ -189,6 +189,11 @@ def test_distill_head_epochs_fit_the_head_to_the_teacher_on_cached_features(data
     assert stats["rounds"] == 1
     assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
     assert agree() > max(start, 0.5)
+    # the pool's predicted classes before and after, as the model itself predicts them
+    now = clf.predict_logits(model, images, mean, std).argmax(1).numpy()
+    assert stats["pool_before"].shape == stats["pool_after"].shape == (len(images),)
+    assert (stats["pool_after"] == now).mean() > 0.99
+    assert (stats["pool_after"] == soft.argmax(1)).mean() > (stats["pool_before"] == soft.argmax(1)).mean()
 
 
 def test_the_teacher_trusts_the_model_only_as_far_as_it_agrees_with_label_spreading():
@@ -279,6 +284,12 @@ def test_report_rows_are_complete_and_accuracies_are_fractions(run):
         assert r["accuracy_mean"] == pytest.approx(sum(r["accuracies"]) / len(r["accuracies"]))
         assert r["labels"] == {0.01: 15, 0.1: 144, 1.0: 1437}[r["label_fraction"]]
     assert report["semi_method"] == "distill"
+    # distill's check without the test split: on the train images outside each subset (1437 minus its labels)
+    held = {h["label_fraction"]: h for h in report["semi_heldout"]}
+    assert set(held) == {0.01, 0.1} and held[0.01]["images"] == 1437 - 15 and held[0.1]["images"] == 1437 - 144
+    assert all(h["seeds"] == 2 and all(0.0 <= h[k] <= 1.0 for k in ("teacher", "finetune", "semi"))
+               for h in held.values())
+    assert [h["seed_index"] for h in held[0.1]["by_seed"]] == [0, 1]
     assert report["execution"] == "tasks"  # trainer.num_workers=2 by default: one Ray task per labeled subset
     md = (run / "report.md").read_text()
     assert "| method |" in md and "15 labels" in md and "144 labels" in md
@@ -556,3 +567,32 @@ def test_the_shipped_classifier_does_not_depend_on_the_test_labels(data, tmp_pat
     wa, wb = (load_file(str(d / "classifiers" / shipped.name / "model.safetensors")) for d in (a, b))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], msg=k)
+
+
+def test_bench_teacher_scores_label_spreading_on_train_images_outside_each_subset(data, tmp_path):
+    """bench.teacher (pretraining levers judged without the test split): per fraction, one accuracy per labeled
+    subset, on the train images outside it, written into README markers from its JSON."""
+    import yaml
+
+    from bench import teacher
+
+    enc = tmp_path / "enc"
+    shutil.copytree(data["encoder"], enc)
+    (enc / "config.yaml").write_text(yaml.safe_dump({"data": {"shards": str(data["shards"]), "seed": 0},
+                                                     "finetune": {"spread_k": 10, "spread_alpha": 0.8}}))
+    out = tmp_path / "t.json"
+    assert teacher.main(["collect", f"{enc}=tiny", "--seeds", "2", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["runs"][0]
+    assert got["label"] == "tiny" and got["pretrain_s"] is None
+    by_f = {f["label_fraction"]: f for f in got["fractions"]}
+    assert set(by_f) == {0.01, 0.1} and by_f[0.1]["images"] == 1437 - 144 and by_f[0.01]["labels"] == 15
+    assert all(len(f["accuracies"]) == 2 and all(0.0 <= a <= 1.0 for a in f["accuracies"]) for f in by_f.values())
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- figures:t -->\n<!-- /figures:t -->\n")
+    assert teacher.main(["figures", str(out), "--section", "t", "--readme", str(readme)]) == 0
+    assert f"| `tiny` | {by_f[0.01]['mean'] * 100:.1f} ± " in readme.read_text()
+    assert got["settings"]["finetune.spread_k"] == 10  # from the run's config
+    assert teacher.main(["collect", f"{enc}=k5", "--seeds", "1", "--spread-k", "5", "--append", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["runs"]
+    assert [r["label"] for r in rows] == ["tiny", "k5"] and rows[1]["settings"]["finetune.spread_k"] == 5
+    assert teacher.main(["collect", str(tmp_path / "none"), "--out", str(out)]) != 0  # one line, no traceback

@@ -79,15 +79,19 @@ def test_bench_semi_collects_and_writes_the_table(tmp_path):
     """bench.semi: finetune/semi rows from report.json files, finetune once per encoder, into README markers."""
     from bench import semi
 
-    def report(d: Path, method: str, accs: list[float]) -> str:
+    def report(d: Path, method: str, accs: list[float], heldout: list | None = None) -> str:
         d.mkdir()
         rows = [{"method": m, "label_fraction": 0.1, "labels": 100, "accuracy_mean": float(np.mean(a)),
                  "accuracy_std": float(np.std(a, ddof=1)), "seeds": len(a), "accuracies": a, "compute_s": 12.0}
                 for m, a in (("finetune", [0.5, 0.6]), ("semi", accs), ("pixels", [0.3, 0.3]))]
-        (d / "report.json").write_text(json.dumps({"dataset": "photos", "semi_method": method, "results": rows}))
+        (d / "report.json").write_text(json.dumps({"dataset": "photos", "semi_method": method, "results": rows,
+                                                   "semi_heldout": heldout}))
         return str(d)
 
-    runs = [report(tmp_path / "a", "distill", [0.7, 0.8]), report(tmp_path / "b", "fixmatch", [0.4, 0.5]) + "=fm"]
+    held = [{"label_fraction": 0.1, "seeds": 2, "images": 900, "teacher": 0.6, "finetune": 0.55, "semi": 0.72,
+             "by_seed": [{"seed_index": 0, "teacher": 0.6, "finetune": 0.5, "semi": 0.7},
+                         {"seed_index": 1, "teacher": 0.6, "finetune": 0.6, "semi": 0.74}]}]
+    runs = [report(tmp_path / "a", "distill", [0.7, 0.8], held), report(tmp_path / "b", "fixmatch", [0.4, 0.5]) + "=fm"]
     out = tmp_path / "semi.json"
     assert semi.main(["collect", *runs, "--out", str(out)]) == 0
     got = json.loads(out.read_text())
@@ -98,4 +102,12 @@ def test_bench_semi_collects_and_writes_the_table(tmp_path):
     assert semi.main(["figures", str(out), "--section", "semi-photos", "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.count("| `finetune` |") == 1  # the same fine-tuning figures appear once
-    assert "| `distill` | 75.0 ± 7.1 (n=2) | 12 |" in text and "| `fm` | 45.0 ± 7.1 (n=2) | 12 |" in text
+    # held-out: the accuracy on train images outside the labeled subsets, where a run measured it
+    assert "| `finetune` | 55.0 ± 7.1 (n=2) | 55.0 | 12 |" in text
+    assert "| `distill` | 75.0 ± 7.1 (n=2) | 72.0 | 12 |" in text and "| `fm` | 45.0 ± 7.1 (n=2) |  | 12 |" in text
+    # --seeds N: every run on its first N subsets only (runs of different lengths compared on the same subsets)
+    assert semi.main(["collect", *runs, "--seeds", "1", "--out", str(out)]) == 0
+    first = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    assert first["distill"]["accuracies"] == [0.7] and first["distill"]["seeds"] == 1
+    assert first["distill"]["heldout"] == pytest.approx(0.7) and first["distill"]["compute_s"] == 6.0
+    assert first["fm"]["heldout"] is None
