@@ -393,13 +393,21 @@ def big_cifar(tmp_path_factory) -> Path:
     return raw
 
 
+def _terminal_sigint() -> None:
+    """In the child: Ctrl-C's default action, as in a terminal's foreground. A suite started with `&` from a
+    non-interactive shell hands its children SIGINT ignored, and Python keeps it ignored (POSIX's rule for
+    background jobs), so without this the shard would run on through the Ctrl-C and exit 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_during_shard_is_one_line_and_exit_130(big_cifar, tmp_path, workers):
     out = tmp_path / "s"
     p = subprocess.Popen([sys.executable, "-m", "cluster", "shard", "cifar10", "--input", str(big_cifar), "--out",
                           str(out), "--shard-size", "200", "--workers", str(workers)], cwd=ROOT, env=_env(),
-                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=_terminal_sigint)
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("train-*.tar")):  # mid-run: one shard done, others being written
