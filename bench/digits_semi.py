@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.figures import read_results, readme_options, write_section
 from finetune import classifier as clf
 from finetune.data import labeled_images
 from finetune.linear import encode
@@ -33,6 +35,7 @@ from finetune.semi import distill, propagate
 from finetune.subsets import labeled_subset, subset_seed
 from pretrain.model import load_encoder
 from runtime.config import Config
+from runtime.errors import run_cli
 from shards.manifest import read_manifest
 from shards.splits import load_split
 
@@ -202,7 +205,7 @@ def block(paths: list[str]) -> str:
     """bench/README.md's text for saved results: per file, its settings, variants and table."""
     out = []
     for path in paths:
-        r = json.loads(Path(path).read_text())
+        r = read_results(path)
         defs = "; ".join(f"`{v}`: {kind} {json.dumps(opts)}" for v, (kind, opts) in r["variants"].items())
         out.append(f"From `{path}` (encoder `{r['encoder']}`, settings {json.dumps(r['settings'])}; variants "
                    f"(features, options; a missing k is the settings' spread_k, a missing prior `labels`): {defs}):"
@@ -210,7 +213,7 @@ def block(paths: list[str]) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("encoder", nargs="?")
     p.add_argument("shards", nargs="?")
@@ -221,20 +224,18 @@ def main(argv=None) -> None:
                    "(never labeled) to validate the student on")
     p.add_argument("--out")
     p.add_argument("--json", help="print the table of saved results (comma-separated files)")
-    p.add_argument("--section", help="with --json: fill this `<!-- figures:NAME -->` block of --readme")
-    p.add_argument("--readme", default=str(Path(__file__).with_name("README.md")))
+    readme_options(p, section_required=False)  # with --json: fill that block of --readme
     p.add_argument("overrides", nargs="*", default=[])
     a = p.parse_args(argv)
     if a.json:
-        text = block(a.json.split(","))
-        if a.section:
-            from runtime.files import fill_marked_block
+        def figures() -> None:
+            text = block(a.json.split(","))
+            if a.section:
+                write_section(a.readme, a.section, text, a.json)
+            else:
+                print(text)
 
-            fill_marked_block(a.readme, a.section, text)
-            print(f"{a.readme}: {a.section} from {a.json}")
-        else:
-            print(text)
-        return
+        return run_cli(figures)
     from runtime.config import load_config
 
     cfg = load_config("configs/digits.yaml", a.overrides)
@@ -245,7 +246,8 @@ def main(argv=None) -> None:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1))
     print(table(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

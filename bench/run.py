@@ -417,7 +417,7 @@ def steps_loop(config: dict) -> dict:
            "entered_at": entered_at,
            "world_size": world, "threads": config["threads"], "worker": worker}
     if config.get("time_reports"):
-        out["report_s"], out["checkpoint_report_s"] = _time_reports(sess, step)
+        out["report_s"], out["checkpoint_report_s"] = _time_reports(sess, step, min(3, b.repeats))
     return out
 
 
@@ -579,7 +579,7 @@ def _ray_parts(b: Bench, parts: list[str], local: dict | None, tmp: str, log: Ca
         # the loss with gathered negatives alone, on 1, 2 and 4 CPU processes: at the bench's batch and at a
         # 16x larger one (the large-batch regime SimCLR is run in)
         log("scaling: gathered NT-Xent at 2 and 4 ranks ...")
-        ntxent = {str(gb): gathered_ntxent((2, 4), gb) for gb in (b.batch, 16 * b.batch)}
+        ntxent = gathered_ntxent((2, 4), (b.batch, 16 * b.batch))
         gpus = torch.cuda.device_count() if b.device.type == "cuda" else 0
         if b.device.type == "cuda" and gpus < 2:
             out["scaling"] = {"skipped": f"2 workers need 2 GPUs, this machine has {gpus}", "ntxent": ntxent}

@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.figures import figures_command, read_results, write_section
 from runtime.errors import UserError, run_cli
-from runtime.files import fill_marked_block
 
-README = Path(__file__).with_name("README.md")
 SETTINGS = ("semi_epochs", "distill_head_epochs", "semi_lr", "distill_rounds", "spread_k", "spread_alpha",
             "fixmatch_threshold", "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from")
 
@@ -124,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", required=True, help="the JSON to write")
     c.add_argument("--seeds", type=int, default=None,
                    help="only the first N labeled subsets of every run (runs of different lengths, same subsets)")
-    f = sub.add_parser("figures", help="write a collected JSON's table into bench/README.md")
-    f.add_argument("json")
-    f.add_argument("--section", required=True)
-    f.add_argument("--readme", default=str(README))
+    figures_command(sub)
     args = p.parse_args(argv)
 
     def go() -> int:
@@ -139,10 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
             print(f"{args.out}: {len(out['rows'])} rows from {len(args.runs)} runs")
         else:
-            results = json.loads(Path(args.json).read_text())
-            fill_marked_block(args.readme, args.section, f"From `{args.json}` ({results['dataset']}):\n\n"
-                              + table(results))
-            print(f"{args.readme}: {args.section} figures from {args.json}")
+            results = read_results(args.json)
+            write_section(args.readme, args.section, f"From `{args.json}` ({results['dataset']}):\n\n" + table(results), args.json)
         return 0
 
     return run_cli(go)

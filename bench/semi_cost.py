@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.figures import read_results, readme_options, write_section
+from runtime.errors import run_cli
+
 
 def old_propagate(features, labeled, labels, num_classes, k=10, alpha=0.8):
     """The former teacher: scikit-learn's LabelSpreading on the L2-normalised features."""
@@ -93,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", nargs=2, default=None, metavar=("BEFORE_RUN", "AFTER_RUN"),
                    help="compare two fine-tuning stages that ran side by side")
     p.add_argument("--json", default=None, help="with --section: the JSON to fill the README block from")
-    p.add_argument("--section", default=None, help="fill this `<!-- figures:NAME -->` block of --readme")
-    p.add_argument("--readme", default=str(Path(__file__).with_name("README.md")))
+    readme_options(p, section_required=False)
     args = p.parse_args(argv)
     if args.encoder and args.shards:
         measure(args)
@@ -103,10 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 "load_average": [round(v, 2) for v in os.getloadavg()]}
         Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
     if args.section:
-        from runtime.files import fill_marked_block
-
-        fill_marked_block(args.readme, args.section, table(json.loads(Path(args.json or args.out).read_text())))
-        print(f"{args.readme}: {args.section} from {args.json or args.out}")
+        source = args.json or args.out
+        return run_cli(lambda: write_section(args.readme, args.section, table(read_results(source)), source))
     return 0
 
 

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.figures import figures_command, read_results, write_section
 from runtime.errors import UserError, run_cli
-from runtime.files import fill_marked_block
 
-README = Path(__file__).with_name("README.md")
 SETTINGS = ("pretrain.epochs", "model.proj_layers", "augment.preset", "augment.crop_scale", "augment.jitter_strength",
             "augment.grayscale_prob", "data.image_size")
 
@@ -113,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="label spreading's alpha (default: each run's config)")
     c.add_argument("--append", action="store_true", help="add these rows to --out's runs instead of replacing them")
     c.add_argument("--out", required=True, help="the JSON to write")
-    f = sub.add_parser("figures", help="write a collected JSON's table into bench/README.md")
-    f.add_argument("json")
-    f.add_argument("--section", required=True)
-    f.add_argument("--readme", default=str(README))
+    figures_command(sub)
     args = p.parse_args(argv)
 
     def go() -> int:
@@ -133,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps({"runs": runs}, indent=2) + "\n")
             print(f"{args.out}: {len(runs)} rows")
         else:
-            results = json.loads(Path(args.json).read_text())
-            fill_marked_block(args.readme, args.section, f"From `{args.json}`:\n\n" + table(results))
-            print(f"{args.readme}: {args.section} figures from {args.json}")
+            results = read_results(args.json)
+            write_section(args.readme, args.section, f"From `{args.json}`:\n\n" + table(results), args.json)
         return 0
 
     return run_cli(go)

@@ -108,10 +108,12 @@ def test_gathered_ntxent_efficiency_on_two_cpu_ranks():
     """The loss with negatives gathered over 2 real gloo ranks: a time per step and an efficiency."""
     from bench.ntxent import gathered_ntxent
 
-    n = gathered_ntxent((2,), 64, dim=16, repeats=2)
-    assert n["global_batch"] == 64 and len(n["world_2_runs_s"]) == 2
-    assert n["world_2_efficiency"] == pytest.approx(n["world_1_step_s"] / min(2, n["cores"]) / n["world_2_step_s"])
-    assert_positive(n, "ntxent")
+    both = gathered_ntxent((2,), (32, 64), dim=16, repeats=2)  # one group of 2 ranks measures both batches
+    assert set(both) == {"32", "64"}
+    for gb, n in both.items():
+        assert n["global_batch"] == int(gb) and len(n["world_2_runs_s"]) == 2
+        assert n["world_2_efficiency"] == pytest.approx(n["world_1_step_s"] / min(2, n["cores"]) / n["world_2_step_s"])
+        assert_positive(n, "ntxent")
 
 
 def test_reference_e2e_races_lightlys_recipe(tmp_path, capsys):
@@ -210,6 +212,25 @@ def test_bench_figures_fill_the_readme_block_from_bench_json(tmp_path):
     assert "old figures" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "1,234 img/s" in text and "567 img/s" in text and "2 cores" in text and "[0.5, 0.4, 0.3]" in text
     assert figures.main([str(src), "--section", "memory", "--readme", str(readme)]) == 2  # no such block: one line
+
+
+def test_every_readme_writer_refuses_a_missing_or_broken_json_in_one_line(tmp_path, capsys):
+    """The five bench scripts that write README tables share one reader: a bad results file is one line, exit 2,
+    and the README is left as it was."""
+    import importlib
+
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- figures:s -->\nold\n<!-- /figures:s -->\n")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    for script in ("figures", "semi", "teacher", "semi_cost", "digits_semi"):
+        for src, says in ((tmp_path / "missing.json", "no results file at"), (broken, "cannot read the results file")):
+            argv = {"figures": [str(src)], "semi": ["figures", str(src)], "teacher": ["figures", str(src)],
+                    "semi_cost": ["--json", str(src)], "digits_semi": ["--json", str(src)]}[script]
+            rc = importlib.import_module(f"bench.{script}").main([*argv, "--section", "s", "--readme", str(readme)])
+            err = capsys.readouterr().err
+            assert rc == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, (script, err)
+            assert "old" in readme.read_text()
 
 
 def test_semi_cost_figures_fill_the_readme_block_from_its_json(tmp_path):
