@@ -26,8 +26,8 @@ from runtime.errors import UserError, run_cli
 from runtime.files import fill_marked_block
 
 README = Path(__file__).with_name("README.md")
-SETTINGS = ("pretrain.epochs", "model.proj_layers", "augment.preset", "augment.crop_scale", "augment.jitter_strength",
-            "augment.grayscale_prob", "data.image_size")
+SETTINGS = ("pretrain.epochs", "model.proj_layers", "augment.preset", "augment.crop_scale", "augment.jitter_prob",
+            "augment.jitter_strength", "augment.grayscale_prob", "data.image_size")
 
 
 def _setting(cfg: dict[str, Any], dotted: str) -> Any:
