@@ -86,7 +86,7 @@ def table(results: dict[str, Any]) -> str:
     """One row per (label, run): accuracy (%) mean ± std (seeds), the accuracy on the train images outside the
     labeled subsets where the run measured it (`held-out`: no test image, what a default can be chosen by) and
     compute seconds per fraction; `finetune` rows once per encoder run (the same fine-tuning in every run on one
-    encoder)."""
+    encoder); a label with rows from more than one run is followed by each row's run directory name."""
     fractions = sorted({r["label_fraction"] for r in results["rows"]})
     keyed: dict[tuple[str, str], dict[float, dict]] = {}
     seen_finetune: set[tuple[float, tuple]] = set()
@@ -102,7 +102,10 @@ def table(results: dict[str, Any]) -> str:
         keyed.setdefault(key, {})[r["label_fraction"]] = r
     head = "| method | " + " | ".join(f"{f * 100:g} %: accuracy | held-out | compute (s)" for f in fractions) + " |"
     lines = [head, "|---" * (3 * len(fractions) + 1) + "|"]
+    repeated = {label for label, run in keyed if run}
     for (label, _), by_f in keyed.items():
+        # a label in rows of more than one run (finetune on two encoders) names each row's run
+        name = f"`{label}` ({Path(next(iter(by_f.values()))['run']).name})" if label in repeated else f"`{label}`"
         cells = []
         for f in fractions:
             r = by_f.get(f)
@@ -111,7 +114,7 @@ def table(results: dict[str, Any]) -> str:
                        + f" (n={r['seeds']})",
                        "" if r.get("heldout") is None else f"{r['heldout'] * 100:.1f}",
                        f"{r['compute_s']:.0f}"])
-        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -25,8 +25,8 @@ import numpy as np
 from bench.figures import figures_command, read_results, write_section
 from runtime.errors import UserError, run_cli
 
-SETTINGS = ("pretrain.epochs", "model.proj_layers", "augment.preset", "augment.crop_scale", "augment.jitter_strength",
-            "augment.grayscale_prob", "data.image_size")
+SETTINGS = ("pretrain.epochs", "model.proj_layers", "augment.preset", "augment.crop_scale", "augment.jitter_prob",
+            "augment.jitter_strength", "augment.grayscale_prob", "data.image_size")
 
 
 def _setting(cfg: dict[str, Any], dotted: str) -> Any:

@@ -105,6 +105,16 @@ def test_bench_semi_collects_and_writes_the_table(tmp_path):
     # held-out: the accuracy on train images outside the labeled subsets, where a run measured it
     assert "| `finetune` | 55.0 ± 7.1 (n=2) | 55.0 | 12 |" in text
     assert "| `distill` | 75.0 ± 7.1 (n=2) | 72.0 | 12 |" in text and "| `fm` | 45.0 ± 7.1 (n=2) |  | 12 |" in text
+    # finetune on two encoders (different figures): one row each, named by its run
+    other = report(tmp_path / "c", "distill", [0.9, 0.9], None)
+    json_c = json.loads((tmp_path / "c" / "report.json").read_text())
+    json_c["results"][0]["accuracies"] = [0.8, 0.8]
+    (tmp_path / "c" / "report.json").write_text(json.dumps(json_c))
+    assert semi.main(["collect", runs[0], other + "=d2", "--out", str(out)]) == 0
+    assert semi.main(["figures", str(out), "--section", "semi-photos", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| `finetune` (a) | 55.0 ± 7.1 (n=2) |" in text and "| `finetune` (c) | 80.0 ± 0.0 (n=2) |" in text
+    assert "| `distill` |" in text and "| `d2` |" in text
     # --seeds N: every run on its first N subsets only (runs of different lengths compared on the same subsets)
     assert semi.main(["collect", *runs, "--seeds", "1", "--out", str(out)]) == 0
     first = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
