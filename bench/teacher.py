@@ -64,13 +64,14 @@ def run_figures(run: str, seeds: int, spread_k: int | None = None, spread_alpha:
     index, y = {k: i for i, k in enumerate(keys)}, labels.numpy()
     k = int(spread_k if spread_k is not None else ft.get("spread_k", 5))
     alpha = float(spread_alpha if spread_alpha is not None else ft.get("spread_alpha", 0.95))
+    prior = ft.get("spread_prior", "labels")  # what `selfsup finetune` spreads with; runs older than the key: labels
     out = []
     for f in [f for f in fractions_to_run(None, manifest) if f < 1]:
         accs, n_labels, n_images = [], 0, 0
         for s in range(seeds):
             subset = labeled_subset(shards, manifest, f, s, train_keys, train_y.tolist())
             labeled = np.array([index[k] for k in subset], dtype=np.int64)
-            soft = propagate(feats, labeled, y[labeled], len(manifest["classes"]), k=k, alpha=alpha)
+            soft = propagate(feats, labeled, y[labeled], len(manifest["classes"]), k=k, alpha=alpha, prior=prior)
             held = np.setdiff1d(np.flatnonzero(y >= 0), labeled)
             accs.append(float((soft[held].argmax(1) == y[held]).mean()))
             n_labels, n_images = len(subset), len(held)
@@ -78,7 +79,8 @@ def run_figures(run: str, seeds: int, spread_k: int | None = None, spread_alpha:
                     "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0})
     m_path = d / "metrics.jsonl"
     metrics = [json.loads(line) for line in m_path.read_text().splitlines() if line.strip()] if m_path.is_file() else []
-    settings = {**{name: _setting(cfg, name) for name in SETTINGS}, "finetune.spread_k": k, "finetune.spread_alpha": alpha}
+    settings = {**{name: _setting(cfg, name) for name in SETTINGS}, "finetune.spread_k": k, "finetune.spread_alpha": alpha,
+                "finetune.spread_prior": prior}
     return {"run": run, "settings": settings, "knn_acc": meta.get("knn_acc"),
             "pretrain_s": round(sum(m.get("epoch_s", 0.0) for m in metrics), 1) if metrics else None, "fractions": out}
 
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.seeds < 1:
                 raise UserError(f"--seeds must be at least 1, got {args.seeds}")
             out = Path(args.out)
-            runs = json.loads(out.read_text())["runs"] if args.append and out.is_file() else []
+            runs = read_results(out)["runs"] if args.append and out.is_file() else []
             for spec in args.runs:
                 run, _, label = spec.partition("=")
                 runs.append({"label": label or Path(run).name,

@@ -579,7 +579,8 @@ def test_bench_teacher_scores_label_spreading_on_train_images_outside_each_subse
     enc = tmp_path / "enc"
     shutil.copytree(data["encoder"], enc)
     (enc / "config.yaml").write_text(yaml.safe_dump({"data": {"shards": str(data["shards"]), "seed": 0},
-                                                     "finetune": {"spread_k": 10, "spread_alpha": 0.8}}))
+                                                     "finetune": {"spread_k": 10, "spread_alpha": 0.8,
+                                                                  "spread_prior": "uniform"}}))
     out = tmp_path / "t.json"
     assert teacher.main(["collect", f"{enc}=tiny", "--seeds", "2", "--out", str(out)]) == 0
     got = json.loads(out.read_text())["runs"][0]
@@ -592,6 +593,7 @@ def test_bench_teacher_scores_label_spreading_on_train_images_outside_each_subse
     assert teacher.main(["figures", str(out), "--section", "t", "--readme", str(readme)]) == 0
     assert f"| `tiny` | {by_f[0.01]['mean'] * 100:.1f} ± " in readme.read_text()
     assert got["settings"]["finetune.spread_k"] == 10  # from the run's config
+    assert got["settings"]["finetune.spread_prior"] == "uniform"  # the prior selfsup finetune spreads with
     assert teacher.main(["collect", f"{enc}=k5", "--seeds", "1", "--spread-k", "5", "--append", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["runs"]
     assert [r["label"] for r in rows] == ["tiny", "k5"] and rows[1]["settings"]["finetune.spread_k"] == 5
