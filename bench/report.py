@@ -55,6 +55,10 @@ def table(r: dict) -> str:
             add("ray", "ratio Ray / in-process", y["ratio"], "x")
             add("ray", "Ray Train, 1 worker at Ray's default nice 15", y["nice15_images_per_s"], "img/s")
             add("ray", "ratio nice 15 / in-process", y["nice15_ratio"], "x")
+        if "local_cluster_up_images_per_s" in y:
+            add("ray", "in-process with the Ray cluster up", y["local_cluster_up_images_per_s"], "img/s")
+            add("ray", "  ratio in-process with cluster up / without (the daemons' cost)", y["cluster_up_ratio"], "x")
+            add("ray", "  ratio Ray / in-process with cluster up (Ray Train's own cost)", y["train_ratio"], "x")
         if "ray_launch_after_init_s" in y:
             add("ray", f"launch to first step, Ray, after ray.init ({y['ray_init_s']:.3g} s)",
                 y["ray_launch_after_init_s"], "s")

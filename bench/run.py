@@ -10,6 +10,8 @@ Sections (choose with --parts; each one measures one thing):
 - `end_to_end`: the same step fed by the real loader, in-process (`--local`); `pipeline_efficiency` =
                 end-to-end / model-only (1.0 = data loading fully hidden);
 - `ray`:        the same steps under Ray Train with one worker against in-process, and launch-to-first-step;
+                then in-process again with the cluster up, splitting the overhead into the daemons' share
+                (`cluster_up_ratio`) and Ray Train's own (`train_ratio`);
 - `scaling`:    1 against 2 Ray Train workers at the same global batch;
 - `memory`:     (only when asked for) peak resident memory of every process of `shard`, `pretrain` and
                 `finetune` on synthetic folders of 10,000 and 100,000 images (`bench/memory.py`).
@@ -602,6 +604,15 @@ def _ray_parts(b: Bench, parts: list[str], local: dict | None, tmp: str, log: Ca
         out["ray"]["nice15_ratio"] = nice["images_per_s"] / local["images_per_s"]
         out["ray"]["nice15_runs_s"] = nice["runs_s"]
         out["ray"]["nice15_worker"] = nice["worker"]
+        # the in-process steps again, with the Ray cluster (GCS, raylet, dashboard) still up: splits the
+        # overhead into the daemons' share of the 2 cores and Ray Train's own (worker process, session)
+        log("ray: in-process again, with the Ray cluster up ...")
+        up = _run_steps(b, 0, tmp)
+        y = out["ray"]
+        y["local_cluster_up_images_per_s"] = up["images_per_s"]
+        y["local_cluster_up_runs_s"] = up["runs_s"]
+        y["train_ratio"] = one["images_per_s"] / up["images_per_s"]
+        y["cluster_up_ratio"] = up["images_per_s"] / local["images_per_s"]
     return out
 
 

@@ -97,6 +97,10 @@ def test_ray_and_scaling(tmp_path):
     # the launch after ray.init split in two: Train starting its processes, then our own setup in the worker
     assert 0 < y["ray_train_start_s"] < y["ray_launch_after_init_s"]
     assert y["ray_train_start_s"] + y["ray_setup_to_first_step_s"] <= y["ray_launch_after_init_s"] + 0.01
+    # the overhead split: in-process again with the cluster up (daemons' cost) against Ray Train's own
+    assert y["cluster_up_ratio"] == pytest.approx(y["local_cluster_up_images_per_s"] / y["local_images_per_s"])
+    assert y["train_ratio"] == pytest.approx(y["ray_images_per_s"] / y["local_cluster_up_images_per_s"])
+    assert y["train_ratio"] * y["cluster_up_ratio"] == pytest.approx(y["ratio"])
     for gb in ("16", "256"):
         n = s["ntxent"][gb]
         assert n["global_batch"] == int(gb) and {"world_1_step_s", "world_2_efficiency", "world_4_efficiency"} <= set(n)
