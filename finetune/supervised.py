@@ -18,7 +18,7 @@ import torch
 from finetune import classifier as clf
 from finetune.data import labeled_images, pool_images, sample_of, stream_predict
 from finetune.linear import encode
-from finetune.semi import distill, fixmatch, propagate
+from finetune.semi import distill, fixmatch, predict_features, propagate
 from pretrain.model import unwrap
 from runtime.launch import session
 from shards.manifest import read_manifest
@@ -112,7 +112,9 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                     # pool indices of the subset's labeled images that the pool holds (all of a small subset)
                     labeled = np.array([pool["index"][k] for k in job["keys"] if k in pool["index"]], dtype=np.int64)
                     pool_y = pool["labels"][labeled].numpy()
-                    soft = propagate(pool["features"], labeled, pool_y, int(arch["num_classes"]),
+                    feats = pool["features"] if ft.spread_features == "encoder" else predict_features(
+                        unwrap(tuned), pool["images"], mean, std, device=device).numpy()
+                    soft = propagate(feats, labeled, pool_y, int(arch["num_classes"]),
                                      k=ft.spread_k, alpha=ft.spread_alpha, prior=ft.spread_prior)
                     stats = distill(model, pool["images"], soft, labeled, pool_y, augs["mild"],
                                     rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
