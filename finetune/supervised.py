@@ -112,9 +112,8 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                     # pool indices of the subset's labeled images that the pool holds (all of a small subset)
                     labeled = np.array([pool["index"][k] for k in job["keys"] if k in pool["index"]], dtype=np.int64)
                     pool_y = pool["labels"][labeled].numpy()
-                    feats = pool["features"] if ft.spread_features == "encoder" else predict_features(
-                        unwrap(tuned), pool["images"], mean, std, device=device).numpy()
-                    soft = propagate(feats, labeled, pool_y, int(arch["num_classes"]),
+                    soft = propagate(teacher_features(ft.spread_features, pool, unwrap(tuned), mean, std, device),
+                                     labeled, pool_y, int(arch["num_classes"]),
                                      k=ft.spread_k, alpha=ft.spread_alpha, prior=ft.spread_prior)
                     stats = distill(model, pool["images"], soft, labeled, pool_y, augs["mild"],
                                     rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
@@ -157,6 +156,16 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                 best[fraction] = {**row, "state": {k: v.detach().cpu().numpy().copy()
                                                    for k, v in unwrap(model).state_dict().items()}}
     return {"results": results, "best": best}
+
+
+def teacher_features(which: str, pool: dict[str, Any], tuned: torch.nn.Module, mean, std,
+                     device: str | torch.device = "cpu") -> np.ndarray:
+    """The pool's features label spreading builds its kNN graph on (`finetune.spread_features`): the frozen
+    encoder's, computed once for every subset (`encoder`), or the backbone's of this subset's fine-tuned
+    network (`finetuned`), which with enough labels separates the classes better than the encoder did."""
+    if which == "encoder":
+        return pool["features"]
+    return predict_features(tuned, pool["images"], mean, std, device=device).numpy()
 
 
 def heldout_accuracy(pool: dict[str, Any], labeled_keys: set[str], soft: np.ndarray,

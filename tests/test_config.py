@@ -40,6 +40,7 @@ def test_overrides_are_typed():
     ("finetune.methods=[pixels,magic]", "magic"),
     ("finetune.distill_head_epochs=-1", "finetune.distill_head_epochs"),
     ("finetune.spread_prior=median", "uniform, labels"),
+    ("finetune.spread_features=pixels", "encoder, finetuned"),
     ("nonsense", "key.sub=value"),
 ])
 def test_bad_values_are_one_line_errors(override, needle):
