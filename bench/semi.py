@@ -23,7 +23,8 @@ from bench.figures import figures_command, read_results, write_section
 from runtime.errors import UserError, run_cli
 
 SETTINGS = ("semi_epochs", "distill_head_epochs", "semi_lr", "distill_rounds", "spread_k", "spread_alpha",
-            "fixmatch_threshold", "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from")
+            "fixmatch_threshold", "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from", "spread_prior",
+            "spread_features")
 
 
 def _report(run: str) -> tuple[dict[str, Any], dict[str, Any]]:
