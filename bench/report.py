@@ -59,6 +59,9 @@ def table(r: dict) -> str:
             add("ray", "in-process with the Ray cluster up", y["local_cluster_up_images_per_s"], "img/s")
             add("ray", "  ratio in-process with cluster up / without (the daemons' cost)", y["cluster_up_ratio"], "x")
             add("ray", "  ratio Ray / in-process with cluster up (Ray Train's own cost)", y["train_ratio"], "x")
+            if "cluster_cpu_cores" in y:
+                add("ray", f"  CPU the cluster's {y['cluster_processes']} processes took meanwhile", y["cluster_cpu_cores"],
+                    "cores")
         if "ray_launch_after_init_s" in y:
             add("ray", f"launch to first step, Ray, after ray.init ({y['ray_init_s']:.3g} s)",
                 y["ray_launch_after_init_s"], "s")

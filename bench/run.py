@@ -607,13 +607,50 @@ def _ray_parts(b: Bench, parts: list[str], local: dict | None, tmp: str, log: Ca
         # the in-process steps again, with the Ray cluster (GCS, raylet, dashboard) still up: splits the
         # overhead into the daemons' share of the 2 cores and Ray Train's own (worker process, session)
         log("ray: in-process again, with the Ray cluster up ...")
+        cpu0, t0 = children_cpu_s(), time.perf_counter()
         up = _run_steps(b, 0, tmp)
+        cpu1, wall = children_cpu_s(), time.perf_counter() - t0
         y = out["ray"]
+        if cpu0 and cpu1:
+            # what the cluster's own processes (GCS, raylet, dashboard and its agents, idle workers: all started
+            # by this driver's ray.init, so running before the steps; loader workers start after) took of the
+            # cores meanwhile, in cores; plus how many of them there are
+            cluster = cpu0.keys() & cpu1.keys()
+            y["cluster_cpu_cores"] = sum(max(0.0, cpu1[p] - cpu0[p]) for p in cluster) / wall
+            y["cluster_processes"] = len(cluster)
         y["local_cluster_up_images_per_s"] = up["images_per_s"]
         y["local_cluster_up_runs_s"] = up["runs_s"]
         y["train_ratio"] = one["images_per_s"] / up["images_per_s"]
         y["cluster_up_ratio"] = up["images_per_s"] / local["images_per_s"]
     return out
+
+
+def children_cpu_s() -> dict[int, float]:
+    """{pid: CPU seconds (user + system) used so far} of every living descendant of this process, from /proc
+    (Linux); empty elsewhere."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return {}
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    hz = os.sysconf("SC_CLK_TCK")
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        parent[int(d.name)] = int(fields[1])
+        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / hz
+    me, mine = os.getpid(), {}
+    for pid in parent:
+        p, hops = pid, 0
+        while p in parent and p != me and hops < 64:
+            p, hops = parent[p], hops + 1
+        if p == me and pid != me:
+            mine[pid] = cpu[pid]
+    return mine
 
 
 def meta(b: Bench, parts: list[str]) -> dict:

@@ -101,6 +101,8 @@ def test_ray_and_scaling(tmp_path):
     assert y["cluster_up_ratio"] == pytest.approx(y["local_cluster_up_images_per_s"] / y["local_images_per_s"])
     assert y["train_ratio"] == pytest.approx(y["ray_images_per_s"] / y["local_cluster_up_images_per_s"])
     assert y["train_ratio"] * y["cluster_up_ratio"] == pytest.approx(y["ratio"])
+    # the cluster's own processes, counted from /proc while the in-process steps ran beside them
+    assert y["cluster_processes"] >= 3 and 0 < y["cluster_cpu_cores"] < 2
     for gb in ("16", "256"):
         n = s["ntxent"][gb]
         assert n["global_batch"] == int(gb) and {"world_1_step_s", "world_2_efficiency", "world_4_efficiency"} <= set(n)
