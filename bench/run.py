@@ -626,31 +626,19 @@ def _ray_parts(b: Bench, parts: list[str], local: dict | None, tmp: str, log: Ca
 
 
 def children_cpu_s() -> dict[int, float]:
-    """{pid: CPU seconds (user + system) used so far} of every living descendant of this process, from /proc
-    (Linux); empty elsewhere."""
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        return {}
-    parent: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    hz = os.sysconf("SC_CLK_TCK")
-    for d in proc.iterdir():
-        if not d.name.isdigit():
-            continue
+    """{pid: CPU seconds (user + system) used so far} of every living descendant of this process (psutil, as
+    `bench.memory` walks a process tree)."""
+    from bench.memory import _psutil
+
+    psutil = _psutil()
+    out = {}
+    for child in psutil.Process().children(recursive=True):
         try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
+            t = child.cpu_times()
+        except psutil.Error:  # ended meanwhile
             continue
-        parent[int(d.name)] = int(fields[1])
-        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / hz
-    me, mine = os.getpid(), {}
-    for pid in parent:
-        p, hops = pid, 0
-        while p in parent and p != me and hops < 64:
-            p, hops = parent[p], hops + 1
-        if p == me and pid != me:
-            mine[pid] = cpu[pid]
-    return mine
+        out[child.pid] = t.user + t.system
+    return out
 
 
 def meta(b: Bench, parts: list[str]) -> dict:
