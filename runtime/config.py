@@ -263,7 +263,7 @@ class FinetuneConfig:
         "alike) | labels (the labeled subset's, add-one smoothed)")
     spread_features: Literal["encoder", "finetuned"] = _opt(
         "encoder", "distill: the features label spreading's kNN graph is built on: encoder (the frozen pretrained "
-        "backbone's, once for all subsets) | finetuned (the subset's fine-tuned network's penultimate layer)")
+        "backbone's, once for all subsets) | finetuned (the backbone's of the subset's fine-tuned network)")
     unlabeled_pool: int = _opt(50000, "distill: at most this many train and as many unlabeled images in memory "
                                       "(seeded samples; 0: the labeled images only)")
     labeled_in_memory: int = _opt(20000, "labeled subsets up to this size are held in memory; larger are streamed")
