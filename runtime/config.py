@@ -28,7 +28,7 @@ from runtime.files import current_umask as current_umask
 from runtime.files import umask_mode as umask_mode
 from runtime.typed import build_dataclass
 
-SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder", "photos")
+SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder", "photos", "photos-val")
 MIN_IMAGE_SIZE = 8  # the smallest image side anything is stored or trained at (shards refuse smaller images)
 # `name` becomes a directory (checkpoints under <storage_path>/<name>) and a W&B group: a plain file name only
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -54,7 +54,7 @@ def field_doc(section: type | None, name: str) -> str:
 class DataConfig:
     """Where the shards are, and how `pipeline` makes them when they are missing."""
 
-    source: Literal["digits", "cifar10", "cifar100", "stl10", "folder", "photos"] = _opt(
+    source: Literal["digits", "cifar10", "cifar100", "stl10", "folder", "photos", "photos-val"] = _opt(
         "digits", "image source `pipeline` shards when the shards are missing")
     input: str | None = _opt(None, "raw data dir for cifar10/cifar100/stl10/folder")
     shards: str = _opt("runs/digits/shards", "dir or URL (s3://..., pipe:...) holding manifest.json")

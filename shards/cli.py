@@ -7,9 +7,9 @@ import os
 
 
 def add_shard_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="digits | cifar10 | cifar100 | stl10 | folder | photos")
+    p.add_argument("source", help="digits | cifar10 | cifar100 | stl10 | folder | photos | photos-val")
     p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
-    p.add_argument("--input", default=None, help="raw data directory (all sources but digits and photos)")
+    p.add_argument("--input", default=None, help="raw data directory (all sources but digits, photos and photos-val)")
     p.add_argument("--shard-size", type=int, default=512, help="samples per shard (default 512)")
     p.add_argument("--image-size", type=int, default=None,
                    help="resize so the shorter side is this many px (default: digits 16, others as given)")

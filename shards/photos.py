@@ -17,6 +17,12 @@ cell's shorter side, at random positions wholly inside one cell, resized to `CRO
 the test cells only and train and unlabeled crops from the train cells only, so no test crop shares a pixel
 with any image the encoder or a classifier trains on (otherwise the test would measure memorisation).
 `COUNTS` crops per class and split, all from one fixed seed: the same bytes on every machine.
+
+`selfsup shard photos-val` is the benchmark's validation variant, for choosing settings without the test split:
+the test cells are left out entirely, a seeded quarter of each class's train cells (at least one) becomes the
+"test" area, and train and unlabeled crops come from the remaining train cells. Like the real test, its "test"
+crops share no pixel with anything trained on, so it measures the same thing: how a classifier carries over to
+parts of a photograph it never saw (a random fifth of the train crops would not; they overlap their neighbours).
 """
 
 from __future__ import annotations
@@ -112,24 +118,42 @@ def crops(image: np.ndarray, boxes: list[tuple[int, int, int]]) -> np.ndarray:
     return out
 
 
-def layout(photos: dict[str, np.ndarray]) -> dict[str, dict[str, list]]:
+def layout(photos: dict[str, np.ndarray], validation: bool = False) -> dict[str, dict[str, list]]:
     """class -> {"cells": {"train", "test"}, "boxes": {split: [(y, x, side), ...]}}: where every crop comes
-    from, all drawn from one generator seeded with SEED (the same on every machine)."""
+    from, all drawn from one generator seeded with SEED (the same on every machine). `validation`: the
+    `photos-val` layout, whose "test" cells are a seeded share of the real train cells (`validation_cells`)."""
     rng = np.random.default_rng(SEED)
     out = {}
     for name in CLASSES:
         area = cells(photos[name].shape, rng)
         out[name] = {"cells": area, "boxes": {split: crop_boxes(area["test" if split == "test" else "train"], n, rng)
                                               for split, n in COUNTS.items()}}
+    if validation:
+        rng = np.random.default_rng(SEED + 1)
+        for name in CLASSES:
+            area = validation_cells(out[name]["cells"]["train"], rng)
+            out[name] = {"cells": area, "boxes": {
+                split: crop_boxes(area["test" if split == "test" else "train"], n, rng) for split, n in COUNTS.items()}}
     return out
 
 
-def photos_source():
-    """The Source: train / test / unlabeled crops, each split listed class by class (the writer shuffles)."""
+def validation_cells(train: list[tuple[int, int, int, int]], rng: np.random.Generator) -> dict[str, list]:
+    """{"train": [...], "test": [...]}: a seeded TEST_SHARE of the `train` cells (at least one, and at least one
+    left to train on) as the validation variant's test area."""
+    if len(train) < 2:
+        raise ValueError("a class needs two train cells or more for the validation layout")
+    order = rng.permutation(len(train))
+    n_val = min(len(train) - 1, max(1, round(len(train) * TEST_SHARE)))
+    return {"test": [train[i] for i in sorted(order[:n_val])], "train": [train[i] for i in sorted(order[n_val:])]}
+
+
+def photos_source(validation: bool = False):
+    """The Source: train / test / unlabeled crops, each split listed class by class (the writer shuffles).
+    `validation`: the `photos-val` variant (module docstring)."""
     from shards.sources import Source, Split
 
     photos = photographs()
-    where = layout(photos)
+    where = layout(photos, validation)
     images: dict[str, list[np.ndarray]] = {s: [] for s in COUNTS}
     labels: dict[str, list[np.ndarray]] = {s: [] for s in COUNTS}
     for label, name in enumerate(CLASSES):
@@ -137,4 +161,4 @@ def photos_source():
             images[split].append(crops(photos[name], where[name]["boxes"][split]))
             labels[split].append(np.full(n, label if split != "unlabeled" else -1, dtype=np.int64))
     splits = {s: Split(np.concatenate(labels[s]), np.concatenate(images[s])) for s in COUNTS}
-    return Source("photos", list(CLASSES), 3, splits, default_image_size=CROP)
+    return Source("photos-val" if validation else "photos", list(CLASSES), 3, splits, default_image_size=CROP)

@@ -21,7 +21,7 @@ import numpy as np
 
 from runtime.errors import UserError
 
-SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder", "photos")
+SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder", "photos", "photos-val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # The split of sources that have no test set is fixed, independent of `--seed`, so every labeled-subset
 # seed is scored on the same test images.
@@ -86,10 +86,10 @@ def open_source(name: str, input_dir: str | os.PathLike | None, test_fraction: f
         raise UserError(f"unknown source {name!r}: choose one of {', '.join(SOURCES)}")
     if name == "digits":
         return digits_source()
-    if name == "photos":
+    if name in ("photos", "photos-val"):
         from shards.photos import photos_source
 
-        return photos_source()
+        return photos_source(validation=name == "photos-val")
     if input_dir is None:
         raise UserError(f"source {name} needs --input DIR (the directory holding the raw {name} files)")
     root = Path(input_dir).expanduser()

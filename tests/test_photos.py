@@ -44,6 +44,31 @@ def test_photos_source_ten_classes_fixed_and_splits_by_region():
     assert np.array_equal(again.splits["test"].images, src.splits["test"].images)
 
 
+def test_photos_val_validates_on_unseen_train_cells_and_never_touches_the_test_cells():
+    """`photos-val`: its "test" crops come from train cells of the real layout that none of its train or
+    unlabeled crops touch, and no crop of it comes from a real test cell, so settings chosen on it never saw
+    the benchmark's test pixels."""
+    pics = photos.photographs()
+    real, val = photos.layout(pics), photos.layout(pics, validation=True)
+    for name in photos.CLASSES:
+        real_test, real_train = set(real[name]["cells"]["test"]), set(real[name]["cells"]["train"])
+        val_test, val_train = set(val[name]["cells"]["test"]), set(val[name]["cells"]["train"])
+        assert val_test and val_train and not val_test & val_train
+        assert val_test | val_train == real_train and not (val_test | val_train) & real_test
+        h, wd = pics[name].shape[:2]
+        seen, test_px = np.zeros((h, wd), bool), np.zeros((h, wd), bool)
+        for y, x, side in val[name]["boxes"]["train"] + val[name]["boxes"]["unlabeled"]:
+            seen[y:y + side, x:x + side] = True
+        for y0, y1, x0, x1 in real_test:
+            test_px[y0:y1, x0:x1] = True
+        assert not (seen & test_px).any()
+        for y, x, side in val[name]["boxes"]["test"]:
+            assert not seen[y:y + side, x:x + side].any() and not test_px[y:y + side, x:x + side].any()
+    src = open_source("photos-val", None)
+    assert src.name == "photos-val" and src.counts == {s: n * 10 for s, n in photos.COUNTS.items()}
+    assert not np.array_equal(src.splits["test"].images, photos.photos_source().splits["test"].images)
+
+
 def test_shard_photos_cli_needs_no_input(tmp_path, capsys):
     out = tmp_path / "shards"
     assert main(["shard", "photos", "--out", str(out), "--image-size", "16"]) == 0
