@@ -9,6 +9,9 @@
   (`blend`; the labeled images keep their one-hot labels): first its head on the pool's backbone features,
   computed once (`finetune.distill_head_epochs`; nearly free), then, for `finetune.semi_epochs` passes, the
   whole network under fine-tuning's augmentation (as in SimCLRv2). Later rounds blend with the last student.
+  `finetune.distill_student=scratch` trains a freshly initialised network instead (Noisy Student's way, Xie et
+  al., 2020) for the `semi_epochs` passes, on the same teacher (the fine-tuned model's predictions blended with
+  the spread labels).
 - `fixmatch` (Sohn et al., 2020): the prediction on a weak view (flip/crop) of an unlabeled image becomes
   the pseudo-label of a strong view (the full SimCLR recipe) of the same image, counted only where its
   confidence reaches `finetune.fixmatch_threshold`. Streams the unlabeled shards, so it suits pools too large to hold.
@@ -121,7 +124,8 @@ def sinkhorn(scores: np.ndarray, prior: np.ndarray, iters: int = 20) -> np.ndarr
 def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labeled: np.ndarray,
             labels: np.ndarray, augment, *, rounds: int, epochs: int, batch_size: int, lr: float,
             weight_decay: float, seed: int, mean, std, rank: int = 0, world_size: int = 1,
-            device: str | torch.device = "cpu", head_epochs: int = 0) -> dict[str, float]:
+            device: str | torch.device = "cpu", head_epochs: int = 0,
+            teacher: nn.Module | None = None) -> dict[str, float]:
     """Train `model` (in place, the fine-tuned classifier) on the uint8 `pool` images against soft teacher
     labels, `rounds` times. Each round's teacher blends the `propagated` labels with the model's own
     predictions, weighted by how much the two agree (`blend`); the labeled pool images (`labeled`, with
@@ -129,13 +133,18 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
     after the backbone) is fit to the teacher on the backbone's features of the pool, computed once (a
     forward pass, no augmentation: nearly free), so the `epochs` passes of the whole network start from a
     model that already agrees with the teacher. Besides `rounds` and `model_weight`, returns every pool image's
-    predicted class before (`pool_before`: the fine-tuned model's) and after (`pool_after`)."""
+    predicted class before (`pool_before`: the fine-tuned model's) and after (`pool_after`).
+    `teacher`: the fine-tuned model when `model` is a fresh student (`finetune.distill_student=scratch`): the
+    first round blends with its predictions (and `pool_before` is its), not the untrained student's."""
     onehot = np.eye(propagated.shape[1], dtype=np.float32)[labels]
     weights, before = [], None
     for r in range(rounds):
         net = unwrap(model)
         feats = predict_features(net, pool, mean, std, device=device)
-        own = head_probs(net, feats, device)
+        if r == 0 and teacher is not None:
+            own = head_probs(teacher, predict_features(teacher, pool, mean, std, device=device), device)
+        else:
+            own = head_probs(net, feats, device)
         if before is None:
             before = own.argmax(1)
         teacher, w = blend(propagated, own)

@@ -106,8 +106,10 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                                 xl, yl, seed, fraction, job["keys"])
                     tuned_s = time.perf_counter() - t
                 model = tuned
+                fresh = method == "semi" and ft.semi_method == "distill" and ft.distill_student == "scratch"
                 if method == "semi":
-                    model = _distribute(copy.deepcopy(unwrap(tuned)), sess)
+                    student = clf.build_classifier(arch) if fresh else copy.deepcopy(unwrap(tuned))
+                    model = _distribute(student.to(device), sess)
                 if method == "semi" and ft.semi_method == "distill":
                     # pool indices of the subset's labeled images that the pool holds (all of a small subset)
                     labeled = np.array([pool["index"][k] for k in job["keys"] if k in pool["index"]], dtype=np.int64)
@@ -118,7 +120,9 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                     stats = distill(model, pool["images"], soft, labeled, pool_y, augs["mild"],
                                     rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
                                     lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,
-                                    rank=rank, world_size=world, device=device, head_epochs=ft.distill_head_epochs)
+                                    rank=rank, world_size=world, device=device,
+                                    head_epochs=0 if fresh else ft.distill_head_epochs,
+                                    teacher=unwrap(tuned) if fresh else None)
                     stats["heldout"] = heldout_accuracy(pool, set(job["keys"]), soft, stats)
                 elif method == "semi":
                     loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],

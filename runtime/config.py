@@ -264,6 +264,9 @@ class FinetuneConfig:
     spread_features: Literal["encoder", "finetuned"] = _opt(
         "encoder", "distill: the features label spreading's kNN graph is built on: encoder (the frozen pretrained "
         "backbone's, once for all subsets) | finetuned (the backbone's of the subset's fine-tuned network)")
+    distill_student: Literal["finetuned", "scratch"] = _opt(
+        "finetuned", "distill: the student fit to the teacher: finetuned (the subset's fine-tuned model, as "
+        "SimCLRv2) | scratch (a freshly initialised network, trained for finetune.semi_epochs passes)")
     unlabeled_pool: int = _opt(50000, "distill: at most this many train and as many unlabeled images in memory "
                                       "(seeded samples; 0: the labeled images only)")
     labeled_in_memory: int = _opt(20000, "labeled subsets up to this size are held in memory; larger are streamed")
@@ -304,6 +307,9 @@ class FinetuneConfig:
         _positive("finetune.distill_rounds", self.distill_rounds)
         _non_negative("finetune.distill_head_epochs", self.distill_head_epochs)
         _positive("finetune.spread_k", self.spread_k)
+        if self.distill_student == "scratch" and self.semi_method == "distill" and self.semi_epochs == 0:
+            raise UserError("finetune.distill_student=scratch needs finetune.semi_epochs > 0: a fresh student "
+                            "learns only in the whole network's passes")
         if not 0 < self.spread_alpha < 1:
             raise UserError(f"finetune.spread_alpha must be in (0, 1), got {self.spread_alpha}")
         _non_negative("finetune.unlabeled_pool", self.unlabeled_pool)

@@ -41,6 +41,8 @@ def test_overrides_are_typed():
     ("finetune.distill_head_epochs=-1", "finetune.distill_head_epochs"),
     ("finetune.spread_prior=median", "uniform, labels"),
     ("finetune.spread_features=pixels", "encoder, finetuned"),
+    ("finetune.distill_student=teacher", "finetuned, scratch"),
+    ("finetune.distill_student=scratch", "semi_epochs > 0"),
     ("nonsense", "key.sub=value"),
 ])
 def test_bad_values_are_one_line_errors(override, needle):
