@@ -206,8 +206,11 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"`pixels` at {_pct(r['label_fraction'])} was fit on a seeded sample of {r['fit_samples']} of "
                          f"its {r['labels']} labeled images (`finetune.pixels_max_samples`), to keep memory bounded.")
     if report.get("semi_method"):
-        lines.append(f"`semi` is {SEMI_METHODS.get(report['semi_method'], report['semi_method'])}, started from "
-                     "each seed's `finetune` model; its compute time includes that fine-tuning.")
+        student = ("; its student is a freshly initialised network (`finetune.distill_student=scratch`), taught "
+                   "by each seed's `finetune` model" if report.get("semi_student") == "scratch"
+                   else ", started from each seed's `finetune` model")
+        lines.append(f"`semi` is {SEMI_METHODS.get(report['semi_method'], report['semi_method'])}{student}; its "
+                     "compute time includes that fine-tuning.")
     for h in report.get("semi_heldout") or []:
         lines.append(f"Without the test split, on the ~{h['images']} train images outside each {_pct(h['label_fraction'])} "
                      f"subset (mean of {h['seeds']}): label spreading {h['teacher'] * 100:.1f}%, `finetune` "

@@ -353,7 +353,7 @@ def test_report_rows_are_complete_and_accuracies_are_fractions(run):
         assert all(0.0 <= a <= 1.0 for a in r["accuracies"])
         assert r["accuracy_mean"] == pytest.approx(sum(r["accuracies"]) / len(r["accuracies"]))
         assert r["labels"] == {0.01: 15, 0.1: 144, 1.0: 1437}[r["label_fraction"]]
-    assert report["semi_method"] == "distill"
+    assert report["semi_method"] == "distill" and report["semi_student"] == "finetuned"
     # distill's check without the test split: on the train images outside each subset (1437 minus its labels)
     held = {h["label_fraction"]: h for h in report["semi_heldout"]}
     assert set(held) == {0.01, 0.1} and held[0.01]["images"] == 1437 - 15 and held[0.1]["images"] == 1437 - 144
@@ -369,18 +369,23 @@ def test_report_rows_are_complete_and_accuracies_are_fractions(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("semi_method", ["distill", "fixmatch"])
-def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method):
-    """finetune.parallel=train: scratch, finetune and semi on 2 Ray Train workers (gloo DDP), one report."""
+@pytest.mark.parametrize("semi_method,student", [("distill", "finetuned"), ("fixmatch", "finetuned"),
+                                                 ("distill", "scratch")])
+def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method, student):
+    """finetune.parallel=train: scratch, finetune and semi on 2 Ray Train workers (gloo DDP), one report;
+    distill's student either the fine-tuned model or a fresh network."""
     out = tmp_path / "ddp"
     rc = selfsup(["finetune", f"output_dir={out}", f"encoder={data['encoder']}", f"data.shards={data['shards']}",
                   "finetune.parallel=train", "finetune.methods=[scratch,finetune,semi]", "finetune.fractions=[0.1]",
-                  f"finetune.semi_method={semi_method}", "finetune.num_seeds=1", "finetune.epochs=1",
+                  f"finetune.semi_method={semi_method}", f"finetune.distill_student={student}",
+                  "finetune.num_seeds=1", "finetune.epochs=1",
                   "finetune.semi_epochs=1", "finetune.full_fraction_methods=[]", "trainer.torch_threads=1",
                   "wandb.enabled=false"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["execution"] == "train" and report["num_workers"] == 2 and report["semi_method"] == semi_method
+    assert report.get("semi_student") == (student if semi_method == "distill" else None)
+    assert ("freshly initialised network" in (out / "report.md").read_text()) == (student == "scratch")
     assert {(r["method"], r["label_fraction"]) for r in report["results"]} == {
         ("scratch", 0.1), ("finetune", 0.1), ("semi", 0.1)}
     assert all(0.0 <= r["accuracy_mean"] <= 1.0 for r in report["results"])
