@@ -75,13 +75,17 @@ def _resolved(augment_cfg: AugmentConfig) -> dict[str, Any]:
     return {k: v for k, v in resolve_augment(augment_cfg).items() if k in names}
 
 
-def mild_augment(augment_cfg: AugmentConfig) -> AugmentConfig:
+def mild_augment(augment_cfg: AugmentConfig, jitter_prob: float | None = None,
+                 jitter_strength: float | None = None) -> AugmentConfig:
     """The pretraining recipe, milder: larger crops, half the colour jitter, no grayscale or blur.
-    Supervised training on few labels needs variety but not the extreme views contrastive learning wants."""
+    Supervised training on few labels needs variety but not the extreme views contrastive learning wants.
+    `jitter_prob` / `jitter_strength` (finetune.jitter_*): the fine-tuning jitter, set apart from pretraining's."""
     r = _resolved(augment_cfg)
     lo, hi = r["crop_scale"]
-    r.update(crop_scale=[max(lo, 0.5), hi], jitter_prob=r["jitter_prob"] * 0.5,
-             jitter_strength=r["jitter_strength"] * 0.5, grayscale_prob=0.0, blur_prob=0.0)
+    r.update(crop_scale=[max(lo, 0.5), hi],
+             jitter_prob=r["jitter_prob"] * 0.5 if jitter_prob is None else jitter_prob,
+             jitter_strength=r["jitter_strength"] * 0.5 if jitter_strength is None else jitter_strength,
+             grayscale_prob=0.0, blur_prob=0.0)
     return AugmentConfig(preset=augment_cfg.preset, **r)
 
 

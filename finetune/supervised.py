@@ -63,7 +63,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     pool = _pool(config, [k for j in semi_jobs for k in sample_of(j["keys"], bound, j["seed"])], backbone) \
         if semi_jobs and ft.semi_method == "distill" else None
     augs = {name: clf.make_augment(a, size, mean, std, device) for name, a in (
-        ("mild", clf.mild_augment(cfg.augment)), ("weak", clf.weak_augment(cfg.augment)), ("strong", cfg.augment))}
+        ("mild", clf.mild_augment(cfg.augment, ft.jitter_prob, ft.jitter_strength)), ("weak", clf.weak_augment(cfg.augment)), ("strong", cfg.augment))}
     budget = {"batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay, "rank": rank,
               "world_size": world, "device": device}
 

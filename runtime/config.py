@@ -244,6 +244,10 @@ class FinetuneConfig:
     batch_size: int = _opt(64, "labeled batch (over all workers)")
     lr: float = _opt(0.05, "learning rate (SGD + nesterov, cosine schedule)")
     weight_decay: float = _opt(5e-4, "weight decay")
+    jitter_prob: float | None = _opt(None, "colour jitter probability while fine-tuning (every trained method, "
+                                           "scratch included); null: half of augment.jitter_prob")
+    jitter_strength: float | None = _opt(None, "colour jitter strength while fine-tuning; null: half of "
+                                               "augment.jitter_strength")
     start_from: Literal["head", "backbone"] = _opt(
         "head", "head: keep the first projection layer (SimCLRv2); backbone: the backbone only")
     semi_method: Literal["distill", "fixmatch"] = _opt(
@@ -297,6 +301,10 @@ class FinetuneConfig:
         _positive("finetune.num_seeds", self.num_seeds)
         _positive("finetune.full_fraction_seeds", self.full_fraction_seeds)
         _positive("finetune.epochs", self.epochs)
+        if self.jitter_prob is not None and not 0 <= self.jitter_prob <= 1:
+            raise UserError(f"finetune.jitter_prob must be in [0, 1], got {self.jitter_prob}")
+        if self.jitter_strength is not None and self.jitter_strength < 0:
+            raise UserError(f"finetune.jitter_strength must be >= 0, got {self.jitter_strength}")
         _positive("finetune.full_epochs", self.full_epochs)
         _positive("finetune.batch_size", self.batch_size)
         _positive("finetune.lr", self.lr)

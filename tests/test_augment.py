@@ -56,6 +56,28 @@ def test_presets_resolve_and_config_fields_override_them():
         resolve_augment({"preset": "cifar"})
 
 
+def test_fine_tuning_jitter_is_half_of_pretrainings_unless_finetune_sets_its_own():
+    """finetune.jitter_prob / jitter_strength set the colour jitter of every fine-tuning method apart from the
+    pretraining recipe's; unset, fine-tuning keeps half of it. Measured on the images, not only the fields."""
+    from finetune.classifier import mild_augment
+
+    cfg = load_config(None, ["augment.preset=small", "augment.jitter_strength=0.2"])
+    half = resolve_augment(mild_augment(cfg.augment))
+    assert half["jitter_prob"] == 0.4 and abs(half["jitter_strength"] - 0.1) < 1e-12
+    own = load_config(None, ["augment.preset=small", "augment.jitter_prob=0", "finetune.jitter_prob=1",
+                             "finetune.jitter_strength=0.4"])
+    ft = own.finetune
+    recipe = resolve_augment(mild_augment(own.augment, ft.jitter_prob, ft.jitter_strength))
+    assert recipe["jitter_prob"] == 1.0 and recipe["jitter_strength"] == 0.4 and recipe["grayscale_prob"] == 0.0
+    torch.manual_seed(3)
+    flat = torch.full((64, 3, 16, 16), 120, dtype=torch.uint8)  # one colour: crops and flips cannot change it
+    no_colour = {**recipe, "jitter_prob": 0.0}
+    for r, changed in ((recipe, True), (no_colour, False)):
+        out = BatchAugment({"preset": "small", **r}, 16, MEAN, STD)(flat)
+        moved = (out - normalize(flat, MEAN, STD)).abs().amax((1, 2, 3)) > 1e-3
+        assert bool(moved.float().mean() > 0.9) is changed
+
+
 def test_output_shape_dtype_and_normalisation():
     x = random_images(8)
     aug = BatchAugment(ONLY, image_size=16, mean=MEAN, std=STD)
