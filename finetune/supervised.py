@@ -62,8 +62,9 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     # distill's labels in the pool: a subset's own, or a seeded sample of at most `bound` of a larger one
     pool = _pool(config, [k for j in semi_jobs for k in sample_of(j["keys"], bound, j["seed"])], backbone) \
         if semi_jobs and ft.semi_method == "distill" else None
+    mild = clf.mild_augment(cfg.augment, ft.jitter_prob, ft.jitter_strength)
     augs = {name: clf.make_augment(a, size, mean, std, device) for name, a in (
-        ("mild", clf.mild_augment(cfg.augment, ft.jitter_prob, ft.jitter_strength)), ("weak", clf.weak_augment(cfg.augment)), ("strong", cfg.augment))}
+        ("mild", mild), ("weak", clf.weak_augment(cfg.augment)), ("strong", cfg.augment))}
     budget = {"batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay, "rank": rank,
               "world_size": world, "device": device}
 

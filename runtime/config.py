@@ -96,9 +96,8 @@ class AugmentConfig:
 
     def check(self) -> None:
         for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob"):
-            p = getattr(self, name)
-            if p is not None and not 0 <= p <= 1:
-                raise UserError(f"augment.{name} must be in [0, 1], got {p}")
+            if getattr(self, name) is not None:
+                _probability(f"augment.{name}", getattr(self, name))
 
 
 @dataclass
@@ -301,11 +300,11 @@ class FinetuneConfig:
         _positive("finetune.num_seeds", self.num_seeds)
         _positive("finetune.full_fraction_seeds", self.full_fraction_seeds)
         _positive("finetune.epochs", self.epochs)
-        if self.jitter_prob is not None and not 0 <= self.jitter_prob <= 1:
-            raise UserError(f"finetune.jitter_prob must be in [0, 1], got {self.jitter_prob}")
-        if self.jitter_strength is not None and self.jitter_strength < 0:
-            raise UserError(f"finetune.jitter_strength must be >= 0, got {self.jitter_strength}")
         _positive("finetune.full_epochs", self.full_epochs)
+        if self.jitter_prob is not None:
+            _probability("finetune.jitter_prob", self.jitter_prob)
+        if self.jitter_strength is not None:
+            _non_negative("finetune.jitter_strength", self.jitter_strength)
         _positive("finetune.batch_size", self.batch_size)
         _positive("finetune.lr", self.lr)
         _positive("finetune.semi_lr", self.semi_lr)
@@ -526,6 +525,11 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise UserError(f"{key} must be positive, got {value}")
+
+
+def _probability(key: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise UserError(f"{key} must be in [0, 1], got {value}")
 
 
 def _non_negative(key: str, value: float) -> None:
