@@ -13,6 +13,8 @@ Sections (choose with --parts; each one measures one thing):
                 then in-process again with the cluster up, splitting the overhead into the daemons' share
                 (`cluster_up_ratio`) and Ray Train's own (`train_ratio`);
 - `scaling`:    1 against 2 Ray Train workers at the same global batch;
+- `daemons`:    (only when asked for) the same in-process steps alone, beside a private Ray cluster with Ray's
+                default system config, and beside the one `runtime.launch.init_ray` starts (`bench/daemons.py`);
 - `memory`:     (only when asked for) peak resident memory of every process of `shard`, `pretrain` and
                 `finetune` on synthetic folders of 10,000 and 100,000 images (`bench/memory.py`).
 Every figure is the median of `repeats` timed runs after a warm-up, with torch's thread count fixed and
@@ -44,7 +46,7 @@ import torch
 
 from runtime.errors import UserError
 
-PARTS = ("loader", "decode", "model", "end_to_end", "ray", "scaling", "memory", "reference_e2e")
+PARTS = ("loader", "decode", "model", "end_to_end", "ray", "scaling", "memory", "reference_e2e", "daemons")
 # Without --config the bench measures the issue's reference setting: CIFAR-like 32 px shards, ResNet-18 at
 # full width with the small stem, the `small` (CIFAR) augmentation preset.
 BENCH_DEFAULTS = ["model.name=resnet18", "model.timm_kwargs={}", "model.stem=small", "augment.preset=small",
@@ -530,6 +532,11 @@ def run_bench(b: Bench, parts: list[str], log: Callable[[str], None] = print) ->
             results["end_to_end"] = e2e
         if {"ray", "scaling"} & set(parts):
             results.update(_ray_parts(b, parts, local, tmp, log))
+            torch.set_num_threads(b.threads)
+        if "daemons" in parts:
+            from bench.daemons import bench_daemons
+
+            results["daemons"] = bench_daemons(b, tmp, _run_steps, log)
             torch.set_num_threads(b.threads)
         if "reference_e2e" in parts:
             from bench.e2e import bench_reference_e2e

@@ -380,11 +380,24 @@ def _root_cause(e: Exception) -> str:
     return one_line(inner)[:300]
 
 
-def init_ray(cfg: Any) -> bool:
+# The private local cluster's Ray system config (bench/README.md, `ray` and `daemons`, has the measurements):
+# - worker_niceness 0: Ray starts its worker processes at nice 15 by default, so that any other process (its own
+#   GCS, raylet and dashboard included) takes their cores first; on 2 cores that was part of the gap between a
+#   Ray Train worker and the same steps in-process. On the private cluster the workers are the job: they run at
+#   the driver's priority.
+# - no prestarted workers: Ray starts an idle Python worker per CPU up front to take a first task quickly; no
+#   task or actor of ours can use one (each carries a runtime_env, which a worker started with the default
+#   env does not match), and each woke about 100 times a second beside the training step's threads.
+PRIVATE_CLUSTER_CONFIG: dict[str, Any] = {
+    "worker_niceness": 0, "enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
+def init_ray(cfg: Any, system_config: dict[str, Any] | None = None) -> bool:
     """Connect to the configured/ambient cluster, or start a private local one. True if we started it.
 
     The local cluster binds to 127.0.0.1, has token authentication on and usage stats off; the
-    dashboard is on because Train V2's controller needs it.
+    dashboard is on because Train V2's controller needs it. `system_config` replaces
+    PRIVATE_CLUSTER_CONFIG (the bench compares the two).
     """
     import ray
 
@@ -426,12 +439,9 @@ def init_ray(cfg: Any) -> bool:
     # custom resources the workers ask for exist on the private cluster too, or nothing could be scheduled
     resources = {k: v * max(1, t.num_workers) for k, v in custom_resources(t).items()}
     try:
-        # worker_niceness 0: Ray starts its worker processes at nice 15 by default, so that any other process
-        # (its own GCS, raylet and dashboard included) takes their cores first; measured on 2 cores, that was
-        # the gap between a Ray Train worker and the same steps in-process (bench/README.md, `ray`). On the
-        # private cluster the workers are the job: they run at the driver's priority.
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                 _system_config={"worker_niceness": 0}, include_dashboard=True,
+                 _system_config=PRIVATE_CLUSTER_CONFIG if system_config is None else system_config,
+                 include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=free_port(), _node_ip_address="127.0.0.1",
                  log_to_driver=True, **_ray_logging(), runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
     finally:

@@ -110,6 +110,24 @@ def test_ray_and_scaling(tmp_path):
     assert_positive(s, "scaling")
 
 
+@pytest.mark.slow
+def test_daemons_compares_the_private_cluster_with_rays_defaults(tmp_path, capsys):
+    """The same in-process steps alone and beside two real private clusters, round by round: Ray's default
+    system config prestarts an idle worker, the cluster init_ray starts has none (one process fewer)."""
+    r, _ = run_bench(tmp_path, "daemons")
+    assert set(r) == {"meta", "daemons"}
+    d = r["daemons"]
+    assert d["rounds"] == 3 and d["steps"] == 2 and set(d["runs"]) == {"alone", "ray_defaults", "init_ray", "init_ray_nice19"}
+    for variant in ("ray_defaults", "init_ray", "init_ray_nice19"):
+        assert len(d["runs"][variant]["images_per_s"]) == 3
+        assert d[f"{variant}_ratio"] == pytest.approx(d[f"{variant}_images_per_s"] / d["alone_images_per_s"])
+        assert d[f"{variant}_first_task_s"] > 0 and 0 < d[f"{variant}_cluster_cpu_cores"] < 2
+        assert d[f"{variant}_cluster_wakeups_per_s"] > 0
+    assert d["init_ray_cluster_processes"] < d["ray_defaults_cluster_processes"]
+    printed = capsys.readouterr().out
+    assert "beside the cluster init_ray starts" in printed and "ratio init_ray's / Ray's defaults" in printed
+
+
 def test_gathered_ntxent_efficiency_on_two_cpu_ranks():
     """The loss with negatives gathered over 2 real gloo ranks: a time per step and an efficiency."""
     from bench.ntxent import gathered_ntxent
