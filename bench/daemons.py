@@ -1,14 +1,14 @@
 """`selfsup bench --parts daemons`: what a private Ray cluster's own processes cost a training step beside them.
 
 The same in-process steps (`--local`, no Ray Train) run alone, beside a private cluster started with Ray's
-default system config (one idle worker prestarted per CPU), and beside the cluster `runtime.launch.init_ray`
-starts (`PRIVATE_CLUSTER_CONFIG`); both clusters have worker_niceness 0, so the difference between them is
-only what init_ray trims; a fourth variant puts that cluster's daemons (all but the raylet) at nice 19. The four
-alternate round by round, so a drift in the machine's load hits them
-alike. Meanwhile the cluster's processes are counted from /proc: how much CPU they take and how often their
-threads wake (voluntary context switches), which is what costs an OpenMP step that holds every core: each wake-up takes
-a core from one of its threads and the others wait for it at the next barrier. Also timed, after the steps: the
-first Ray task on the cluster (it carries the job's runtime_env, as fine-tuning's parallel runs do).
+default system config (one idle worker prestarted per CPU), beside the cluster `runtime.launch.init_ray` starts
+(`PRIVATE_CLUSTER_CONFIG`), and beside that one with its daemons (all but the raylet) at nice 19. Every cluster
+has worker_niceness 0, so the second and third differ only by what init_ray trims. The four alternate round by
+round, so a drift in the machine's load hits them alike. Meanwhile the cluster's processes are counted from
+/proc: how much CPU they take and how often their threads wake (voluntary context switches), which is what
+costs an OpenMP step that holds every core: each wake-up takes a core from one of its threads and the others
+wait for it at the next barrier. Also timed, after the steps: the first Ray task on the cluster (it carries the
+job's runtime_env, as fine-tuning's parallel runs do).
 """
 
 from __future__ import annotations
