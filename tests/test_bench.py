@@ -121,7 +121,8 @@ def test_daemons_compares_the_private_cluster_with_rays_defaults(tmp_path, capsy
     for variant in ("ray_defaults", "init_ray", "init_ray_nice19"):
         assert len(d["runs"][variant]["images_per_s"]) == 3
         assert d[f"{variant}_ratio"] == pytest.approx(d[f"{variant}_images_per_s"] / d["alone_images_per_s"])
-        assert d[f"{variant}_first_task_s"] > 0 and 0 < d[f"{variant}_cluster_cpu_cores"] < 2
+        # CPU time is counted in clock ticks: over a couple of tiny steps an idle cluster can read 0
+        assert d[f"{variant}_first_task_s"] > 0 and 0 <= d[f"{variant}_cluster_cpu_cores"] < 2
         assert d[f"{variant}_cluster_wakeups_per_s"] > 0
     assert d["init_ray_cluster_processes"] < d["ray_defaults_cluster_processes"]
     printed = capsys.readouterr().out
