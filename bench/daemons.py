@@ -25,27 +25,24 @@ ROUNDS = 3  # each round runs every variant once, `repeats` timed steps each
 
 
 def _cluster_counters() -> dict[str, float]:
-    """CPU seconds and wake-ups (voluntary context switches: each one a sleep, then a wake-up; every thread) of
-    this process's descendants."""
-    from bench.memory import _psutil
+    """CPU seconds (`bench.run.children_cpu_s`, summed) and wake-ups (voluntary context switches: each one a
+    sleep, then a wake-up; every thread) of this process's descendants."""
+    from bench.run import children_cpu_s
 
-    psutil = _psutil()
-    cpu = switches = 0.0
-    procs = 0
-    for child in psutil.Process().children(recursive=True):
+    cpu = children_cpu_s()
+    return {"cpu_s": sum(cpu.values()), "switches": sum(_wakeups(pid) for pid in cpu), "processes": len(cpu)}
+
+
+def _wakeups(pid: int) -> int:
+    """Voluntary context switches so far of every thread of `pid`, from /proc (0 once it has ended)."""
+    n = 0
+    for status in glob.glob(f"/proc/{pid}/task/*/status"):
         try:
-            t = child.cpu_times()
-            cpu += t.user + t.system
-            procs += 1
-        except psutil.Error:  # ended meanwhile
+            with open(status) as f:
+                n += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
+        except (OSError, ValueError, IndexError):
             continue
-        for status in glob.glob(f"/proc/{child.pid}/task/*/status"):
-            try:
-                with open(status) as f:
-                    switches += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
-            except (OSError, ValueError, IndexError):
-                continue
-    return {"cpu_s": cpu, "switches": switches, "processes": procs}
+    return n
 
 
 def _renice_daemons(niceness: int = 19) -> int:
@@ -123,10 +120,8 @@ def bench_daemons(b: Any, tmp: str, run_steps: Callable[..., dict], log: Callabl
     for variant in VARIANTS:
         for k, runs in rows[variant].items():
             out[f"{variant}_{k}"] = statistics.median(runs)
-    alone = out["alone_images_per_s"]
-    out["ray_defaults_ratio"] = out["ray_defaults_images_per_s"] / alone
-    out["init_ray_ratio"] = out["init_ray_images_per_s"] / alone
-    out["init_ray_nice19_ratio"] = out["init_ray_nice19_images_per_s"] / alone
+    for variant in VARIANTS[1:]:
+        out[f"{variant}_ratio"] = out[f"{variant}_images_per_s"] / out["alone_images_per_s"]
     # per round, the trimmed cluster against Ray's defaults (the pair shares the round's load), then the median
     out["init_ray_vs_defaults"] = statistics.median(
         t / d for t, d in zip(rows["init_ray"]["images_per_s"], rows["ray_defaults"]["images_per_s"]))

@@ -78,15 +78,12 @@ def table(r: dict) -> str:
         for v, what in (("ray_defaults", "beside a private cluster, Ray's defaults"),
                         ("init_ray", "beside the cluster init_ray starts"),
                         ("init_ray_nice19", "the same, its daemons at nice 19")):
-            if f"{v}_images_per_s" not in d:
-                continue
             add("daemons", what, d[f"{v}_images_per_s"], f"img/s ({d[f'{v}_ratio']:.3g}x alone)")
             add("daemons", f"  its {d[f'{v}_cluster_processes']:.0f} processes: CPU / wake-ups",
                 d[f"{v}_cluster_cpu_cores"], f"cores / {d[f'{v}_cluster_wakeups_per_s']:.0f} per s")
             add("daemons", "  first task after the start", d[f"{v}_first_task_s"], "s")
         add("daemons", f"ratio init_ray's / Ray's defaults, median of {d['rounds']} rounds", d["init_ray_vs_defaults"], "x")
-        if "nice19_vs_init_ray" in d:
-            add("daemons", f"ratio daemons at nice 19 / init_ray's, median of {d['rounds']} rounds", d["nice19_vs_init_ray"], "x")
+        add("daemons", f"ratio daemons at nice 19 / init_ray's, median of {d['rounds']} rounds", d["nice19_vs_init_ray"], "x")
     if "scaling" in r:
         s = r["scaling"]
         if "skipped" in s:

@@ -14,7 +14,8 @@ Sections (choose with --parts; each one measures one thing):
                 (`cluster_up_ratio`) and Ray Train's own (`train_ratio`);
 - `scaling`:    1 against 2 Ray Train workers at the same global batch;
 - `daemons`:    (only when asked for) the same in-process steps alone, beside a private Ray cluster with Ray's
-                default system config, and beside the one `runtime.launch.init_ray` starts (`bench/daemons.py`);
+                default system config, beside the one `runtime.launch.init_ray` starts, and beside that one
+                with its daemons at nice 19 (`bench/daemons.py`);
 - `memory`:     (only when asked for) peak resident memory of every process of `shard`, `pretrain` and
                 `finetune` on synthetic folders of 10,000 and 100,000 images (`bench/memory.py`).
 Every figure is the median of `repeats` timed runs after a warm-up, with torch's thread count fixed and
