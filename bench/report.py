@@ -72,6 +72,15 @@ def table(r: dict) -> str:
                     f"s / {y['local_setup_to_first_step_s']:.3g} s")
             add("ray", "per-epoch report: metrics only / with checkpoint", y["report_s"],
                 f"s / {y['checkpoint_report_s']:.3g} s (step {y['step_s']:.3g} s)")
+        if "ray_poll_images_per_s" in y:
+            add("ray", f"  Ray Train polled every {y['poll_interval_s']:g} s (trainer.poll_interval_s): last step "
+                "to run's end", y["ray_exit_s"], f"s (in-process {y['local_exit_s']:.2g} s)")
+            add("ray", f"  polled every {y['ray_poll_interval_s']:g} s (Ray's default): last step to run's end",
+                y["ray_poll_exit_s"], "s")
+            add("ray", "  polled at Ray's default: report metrics only / with checkpoint", y["ray_poll_report_s"],
+                f"s / {y['ray_poll_checkpoint_report_s']:.3g} s")
+            add("ray", "  polled at Ray's default: Ray Train, 1 worker", y["ray_poll_images_per_s"],
+                f"img/s ({y['ray_poll_ratio']:.3g}x in-process)")
     if "daemons" in r:
         d = r["daemons"]
         add("daemons", "in-process steps alone", d["alone_images_per_s"], "img/s")

@@ -48,6 +48,7 @@ import torch
 from runtime.errors import UserError
 
 PARTS = ("loader", "decode", "model", "end_to_end", "ray", "scaling", "memory", "reference_e2e", "daemons")
+RAY_POLL_INTERVAL_S = 2.0  # Ray Train's DEFAULT_HEALTH_CHECK_INTERVAL_S, the `ray` section's comparison
 # Without --config the bench measures the issue's reference setting: CIFAR-like 32 px shards, ResNet-18 at
 # full width with the small stem, the `small` (CIFAR) augmentation preset.
 BENCH_DEFAULTS = ["model.name=resnet18", "model.timm_kwargs={}", "model.stem=small", "augment.preset=small",
@@ -423,6 +424,7 @@ def steps_loop(config: dict) -> dict:
            "world_size": world, "threads": config["threads"], "worker": worker}
     if config.get("time_reports"):
         out["report_s"], out["checkpoint_report_s"] = _time_reports(sess, step, min(3, b.repeats))
+    out["returned_at"] = time.time()
     return out
 
 
@@ -456,13 +458,16 @@ def _time_reports(sess: Any, step: Step, repeats: int = 3) -> tuple[float, float
 
 
 def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, model_only: bool = False,
-               **extra: Any) -> dict:
-    """`steps_loop` in-process (workers=0) or on `workers` Ray Train workers; figures for the whole batch."""
+               poll_interval_s: float | None = None, **extra: Any) -> dict:
+    """`steps_loop` in-process (workers=0) or on `workers` Ray Train workers; figures for the whole batch.
+    `poll_interval_s` replaces the config's `trainer.poll_interval_s`."""
     from runtime.launch import run_training
 
     cfg = copy.deepcopy(b.cfg)
     b = dataclasses.replace(b, cfg=cfg)
     cfg.output_dir = tmp
+    if poll_interval_s is not None:
+        cfg.trainer.poll_interval_s = poll_interval_s
     cfg.trainer.num_workers = workers
     cfg.trainer.max_failures = 0
     cfg.trainer.use_gpu = b.device.type == "cuda"
@@ -477,6 +482,7 @@ def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, m
     r = run_training(steps_loop, {"bench": b, "threads": threads, "model_only": model_only, **extra}, cfg,
                      local=workers == 0,
                      name=f"bench-{workers or 'local'}-{int(time.time() * 1000)}")
+    exit_s = time.time() - r["returned_at"]  # from the loop's return to the caller's: under Ray, Train's shutdown
     step = median(r["step_s"])
     return {"workers": max(1, workers), "threads_per_worker": threads, "images_per_s": b.batch / step,
             "steps_per_s": 1 / step, "data_s": median(r["data_s"]),
@@ -484,7 +490,7 @@ def _run_steps(b: Bench, workers: int, tmp: str, started: float | None = None, m
             # launch split in two: up to our function running (under Ray: Train's controller and worker
             # processes starting), then our own setup (loader, model, first step)
             "start_to_entry_s": r["entered_at"] - fit_at, "entry_to_first_step_s": r["first_step_at"] - r["entered_at"],
-            "model_runs_s": r["model_s"], "data_runs_s": r["data_s"], "worker": r["worker"],
+            "model_runs_s": r["model_s"], "data_runs_s": r["data_s"], "worker": r["worker"], "exit_s": exit_s,
             **{k: r[k] for k in ("report_s", "checkpoint_report_s") if k in r}}
 
 
@@ -582,6 +588,9 @@ def _ray_parts(b: Bench, parts: list[str], local: dict | None, tmp: str, log: Ca
             "ray_worker": one["worker"], "local_worker": local["worker"],
             "report_s": one["report_s"], "checkpoint_report_s": one["checkpoint_report_s"],
             "step_s": median(one["runs_s"]),
+            # from the loop's return to run_training's: Train noticing the end (its next poll) and shutting down
+            "ray_exit_s": one["exit_s"], "local_exit_s": local["exit_s"],
+            "poll_interval_s": b.cfg.trainer.poll_interval_s,
         }
     if "scaling" in parts:
         from bench.ntxent import gathered_ntxent
@@ -612,6 +621,16 @@ def _ray_parts(b: Bench, parts: list[str], local: dict | None, tmp: str, log: Ca
         out["ray"]["nice15_ratio"] = nice["images_per_s"] / local["images_per_s"]
         out["ray"]["nice15_runs_s"] = nice["runs_s"]
         out["ray"]["nice15_worker"] = nice["worker"]
+        # the same worker with Ray Train's own poll interval (2 s) instead of trainer.poll_interval_s: what a
+        # report and the end of a run cost there, and whether polling more often costs steps
+        log(f"ray: 1 worker polled at Ray's default {RAY_POLL_INTERVAL_S:g} s ...")
+        slow = _run_steps(b, 1, tmp, time_reports=True, poll_interval_s=RAY_POLL_INTERVAL_S)
+        out["ray"].update({"ray_poll_interval_s": RAY_POLL_INTERVAL_S,
+                           "ray_poll_images_per_s": slow["images_per_s"],
+                           "ray_poll_ratio": slow["images_per_s"] / local["images_per_s"],
+                           "ray_poll_report_s": slow["report_s"],
+                           "ray_poll_checkpoint_report_s": slow["checkpoint_report_s"],
+                           "ray_poll_exit_s": slow["exit_s"], "ray_poll_runs_s": slow["runs_s"]})
         # the in-process steps again, with the Ray cluster (GCS, raylet, dashboard) still up: splits the
         # overhead into the daemons' share of the 2 cores and Ray Train's own (worker process, session)
         log("ray: in-process again, with the Ray cluster up ...")

@@ -180,9 +180,12 @@ class TrainerConfig:
     storage_path: str | None = _opt(None, "local path or URI (s3://, gs://, file://); null: <output_dir>/ray")
     address: str | None = _opt(None, "Ray address; null: a running cluster, else a local one")
     torch_threads: int = _opt(0, "intra-op threads per worker; 0 = cores / workers")
+    poll_interval_s: float = _opt(0.5, "seconds between Ray Train's polls of its workers (Ray's own default: 2): "
+                                       "how long a run outlives its last step, and the least time between reports")
 
     def check(self) -> None:
         _non_negative("trainer.num_workers", self.num_workers)
+        _positive("trainer.poll_interval_s", self.poll_interval_s)
         _non_negative("trainer.max_failures", self.max_failures)
         _positive("trainer.num_to_keep", self.num_to_keep)
         _non_negative("trainer.torch_threads", self.torch_threads)

@@ -16,13 +16,14 @@ kept side by side so that they stay alike; the console display is runtime/consol
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -325,8 +326,6 @@ class _Follow:
 
 def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, name: str,
              on_report: Callable[[dict[str, Any]], None] | None = None) -> Any:
-    import contextlib
-
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -351,7 +350,7 @@ def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, n
             ),
         )
         try:
-            with follow or contextlib.nullcontext():
+            with follow or contextlib.nullcontext(), _poll_interval(t.poll_interval_s):
                 result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise UserError(f"training failed after {t.max_failures} restart(s): {_root_cause(e)}") from None
@@ -359,6 +358,24 @@ def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, n
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _poll_interval(seconds: float) -> Iterator[None]:
+    """Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default; read
+    from the driver's environment when `fit` starts the controller): a report waits up to that long to be picked
+    up, a second one within it blocks the training loop, and a run ends up to that long after its last step.
+    The driver's own variable is restored afterwards."""
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    before = os.environ.get(key)
+    os.environ[key] = str(seconds)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _root_cause(e: Exception) -> str:

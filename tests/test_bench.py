@@ -103,6 +103,11 @@ def test_ray_and_scaling(tmp_path):
     assert y["train_ratio"] * y["cluster_up_ratio"] == pytest.approx(y["ratio"])
     # the cluster's own processes, counted from /proc while the in-process steps ran beside them
     assert y["cluster_processes"] >= 3 and 0 < y["cluster_cpu_cores"] < 2
+    # the same worker polled at Ray Train's own 2 s: reports made back to back wait for each poll there
+    assert y["poll_interval_s"] == 0.5 and y["ray_poll_interval_s"] == 2.0
+    assert y["ray_poll_report_s"] > 1.0 and y["report_s"] < y["ray_poll_report_s"]
+    assert y["ray_poll_ratio"] == pytest.approx(y["ray_poll_images_per_s"] / y["local_images_per_s"])
+    assert y["ray_exit_s"] > y["local_exit_s"] >= 0
     for gb in ("16", "256"):
         n = s["ntxent"][gb]
         assert n["global_batch"] == int(gb) and {"world_1_step_s", "world_2_efficiency", "world_4_efficiency"} <= set(n)

@@ -45,6 +45,7 @@ def test_overrides_are_typed():
     ("finetune.distill_student=scratch", "semi_epochs > 0"),
     ("finetune.jitter_prob=1.5", "finetune.jitter_prob must be in [0, 1]"),
     ("finetune.jitter_strength=-0.1", "finetune.jitter_strength must be zero or positive"),
+    ("trainer.poll_interval_s=0", "trainer.poll_interval_s must be positive"),
     ("nonsense", "key.sub=value"),
 ])
 def test_bad_values_are_one_line_errors(override, needle):

@@ -244,13 +244,18 @@ def test_ray_two_workers_uneven_shards_survive_a_killed_worker(shards, ray_clust
 
 
 @pytest.mark.slow
-def test_ray_worker_killed_from_outside_by_pid(shards, ray_cluster, tmp_path):
+def test_ray_worker_killed_from_outside_by_pid(shards, ray_cluster, tmp_path, monkeypatch):
+    """Also: Train's controller polls the workers every `trainer.poll_interval_s` (it reads the interval from
+    its environment), and the driver's own setting of that variable is back after the run."""
     import ray
     from ray.util.state import list_actors
 
+    from bench.memory import _psutil
+
     run = tmp_path / "outside"
     argv = [f"output_dir={run}", f"data.shards={shards}", *TINY, "trainer.num_workers=2", "trainer.max_failures=1",
-            "pretrain.epochs=2", "pretrain.knn_every=0"]
+            "pretrain.epochs=2", "pretrain.knn_every=0", "trainer.poll_interval_s=0.25"]
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "7")
     result: dict = {}
     trainer = threading.Thread(target=lambda: result.update(rc=cli(argv)), daemon=True)
     trainer.start()
@@ -258,15 +263,21 @@ def test_ray_worker_killed_from_outside_by_pid(shards, ray_cluster, tmp_path):
     while ckpt.find_latest(run / "ray" / "digits") is None and time.time() < deadline:
         time.sleep(0.2)
     assert ckpt.find_latest(run / "ray" / "digits"), "epoch 1 never finished"
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,  # ours, not a neighbour's
+    ours = ray.get_runtime_context().gcs_address  # our cluster's actors, not a neighbour's
+    actors = list_actors(address=ours, detail=True,
                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert len(actors) == 2
+    controllers = list_actors(address=ours, detail=True,
+                              filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+    assert len(actors) == 2 and len(controllers) == 1
+    env = _psutil().Process(controllers[0].pid).environ()
+    assert env.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") == "0.25"
     os.kill(max(a.pid for a in actors), signal.SIGKILL)
     trainer.join(timeout=300)
     assert result.get("rc") == 0
     assert_run_complete(run, 2)
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     assert [e["from_epoch"] for e in events if e["event"] == "resume"] == [1]
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "7"
 
 
 @pytest.mark.slow
