@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from lightly.utils.benchmarking import knn_predict as _lightly_knn_predict
 from torch import nn
 
 
@@ -19,6 +18,10 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
                 temperature: float = 0.1, num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
     """Top-1 class for each query: cosine similarity to the k nearest train features, votes weighted by
     exp(sim / temperature). Queries go in chunks so the similarity matrix stays small."""
+    # imported here: lightly.utils.benchmarking pulls in pytorch_lightning (~1.5 s), which every process that
+    # imports this module (each Ray Train worker, each fine-tuning task) would otherwise pay before its first step
+    from lightly.utils.benchmarking import knn_predict as _lightly_knn_predict
+
     keep = train_labels >= 0
     bank = F.normalize(train_feats[keep].float(), dim=1)
     labels = train_labels[keep].long()
