@@ -350,7 +350,7 @@ def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, n
             ),
         )
         try:
-            with follow or contextlib.nullcontext(), _poll_interval(t.poll_interval_s):
+            with follow or contextlib.nullcontext(), _poll_interval(t.poll_interval_s), _own_sigint():
                 result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise UserError(f"training failed after {t.max_failures} restart(s): {_root_cause(e)}") from None
@@ -376,6 +376,25 @@ def _poll_interval(seconds: float) -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
+
+
+@contextlib.contextmanager
+def _own_sigint() -> Iterator[None]:
+    """`fit` installs Ray Train's SIGINT handler (abort the run's controller) and leaves it there: a later Ctrl-C
+    (in the pipeline's next stage) would reach that handler, which asks the finished controller to abort, instead
+    of the driver's, and the handler would keep that controller's actor alive. The driver's own handler is put
+    back when `fit` returns."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Train installs none off the main thread
+        return
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _root_cause(e: Exception) -> str:
