@@ -50,11 +50,15 @@ def run_pipeline(cfg: Config, force: list[str] | tuple[str, ...] = (), local: bo
     hold(out, "selfsup pipeline")  # one run per output_dir: a second one refuses here, before any stage runs
     # One W&B group for both stages' runs, whatever each stage would default to.
     cfg.wandb.group = cfg.wandb.group or cfg.name
+    from runtime.launch import one_cluster
+
     with tempfile.TemporaryDirectory(prefix="selfsup-pipeline-") as tmp:
         # The stages read the resolved config from a scratch file; the run's record is written only on success,
         # so a failed run changes nothing it did not have to.
         config_path = save_config(cfg, Path(tmp) / "pipeline.config.yaml")
-        summary = _run_stages(cfg, config_path, first_forced, local, forced_side=[s for s in force if s in SIDE_STAGES])
+        with one_cluster():  # pretraining's private Ray cluster serves fine-tuning's tasks too
+            summary = _run_stages(cfg, config_path, first_forced, local,
+                                  forced_side=[s for s in force if s in SIDE_STAGES])
     save_config(cfg, out / "pipeline.config.yaml")
     print(format_summary(summary), flush=True)
     return summary

@@ -203,6 +203,28 @@ def run_training(loop_fn: Callable[[dict], Any], loop_config: dict[str, Any], cf
     return _run_ray(loop_fn, config, cfg, name, on_report)
 
 
+_HOLD = 0  # > 0 inside `one_cluster()`: the cluster a stage starts stays up for the next
+
+
+@contextlib.contextmanager
+def one_cluster() -> Iterator[None]:
+    """The stages run inside share one Ray cluster: the first that needs Ray starts it (or connects) as it
+    would alone, the others find it up, and it is shut down (or disconnected) when the block ends. Saves
+    `selfsup pipeline` a second cluster start and shutdown between pretraining and fine-tuning; a cluster that
+    was up before the block is left as it was."""
+    global _HOLD
+    import ray
+
+    was_up = ray.is_initialized()
+    _HOLD += 1
+    try:
+        yield
+    finally:
+        _HOLD -= 1
+        if not _HOLD and not was_up and ray.is_initialized():
+            ray.shutdown()
+
+
 def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]], cfg: Any, name: str,
               on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
     """Run `loop_fn(c)` for every config in `loop_configs` as its own Ray task, many at once; return their
@@ -233,7 +255,7 @@ def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]]
             raise UserError(f"a {name} task's worker process died {t.max_failures + 1} time(s) (killed, or out of "
                             "memory)") from None
     finally:
-        if started:
+        if started and not _HOLD:
             ray.shutdown()
 
 
@@ -356,7 +378,7 @@ def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, n
             raise UserError(f"training failed after {t.max_failures} restart(s): {_root_cause(e)}") from None
         return result.return_value
     finally:
-        if started:
+        if started and not _HOLD:
             ray.shutdown()
 
 

@@ -147,3 +147,34 @@ def test_a_run_saved_with_old_key_names_is_not_stale(tmp_path):
     assert _changes(tmp_path / "config.yaml", cfg, FINETUNE_KEYS) == ""
     cfg.finetune.num_seeds = 2
     assert _changes(tmp_path / "config.yaml", cfg, FINETUNE_KEYS) == "finetune.num_seeds 5 -> 2"
+
+
+def _cluster_address(config: dict) -> str:
+    """A Ray task's view of the cluster it runs on."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.mark.slow
+def test_stages_inside_one_cluster_share_the_private_cluster(tmp_path):
+    """`selfsup pipeline` runs its stages inside `runtime.launch.one_cluster()`: pretraining's private cluster
+    serves fine-tuning too, and is shut down at the end; outside the block each stage starts and stops its own."""
+    import sys
+
+    import ray
+
+    from runtime.config import load_config
+    from runtime.launch import one_cluster, run_tasks
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+    cfg = load_config(None, ["trainer.num_workers=2", f"output_dir={tmp_path}"])
+    assert not ray.is_initialized()
+    with one_cluster():
+        first = run_tasks(_cluster_address, [{}], cfg, "first")
+        assert ray.is_initialized()
+        second = run_tasks(_cluster_address, [{}], cfg, "second")
+    assert not ray.is_initialized()
+    assert first == second and first[0].startswith("127.0.0.1:")
+    alone = run_tasks(_cluster_address, [{}], cfg, "alone")
+    assert not ray.is_initialized() and alone != first
