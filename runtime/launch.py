@@ -32,6 +32,7 @@ import torch
 from runtime import checkpoint as ckpt
 from runtime import console
 from runtime.config import umask_mode
+from runtime.environ import environ
 from runtime.errors import UserError, one_line
 
 # ------------------------------------------------------------------ sessions
@@ -371,8 +372,13 @@ def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, n
                 callbacks=[follow.callback()] if follow else None,
             ),
         )
+        # Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s; read
+        # from the driver's environment when `fit` starts the controller): a report waits up to that long to be
+        # picked up, a second one within it blocks the training loop, and a run ends up to that long after its
+        # last step. The driver's own value is back afterwards.
+        poll = environ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(t.poll_interval_s)})
         try:
-            with follow or contextlib.nullcontext(), _poll_interval(t.poll_interval_s), _own_sigint():
+            with follow or contextlib.nullcontext(), poll, _own_sigint():
                 result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise UserError(f"training failed after {t.max_failures} restart(s): {_root_cause(e)}") from None
@@ -380,24 +386,6 @@ def _run_ray(loop_fn: Callable[[dict], Any], config: dict[str, Any], cfg: Any, n
     finally:
         if started and not _HOLD:
             ray.shutdown()
-
-
-@contextlib.contextmanager
-def _poll_interval(seconds: float) -> Iterator[None]:
-    """Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default; read
-    from the driver's environment when `fit` starts the controller): a report waits up to that long to be picked
-    up, a second one within it blocks the training loop, and a run ends up to that long after its last step.
-    The driver's own variable is restored afterwards."""
-    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    before = os.environ.get(key)
-    os.environ[key] = str(seconds)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 @contextlib.contextmanager

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime.environ import environ
+
 MODES = ("offline", "online", "disabled")
 
 
@@ -130,17 +132,9 @@ def artifact_dirs(run_dir: Path | None):
     if run_dir is None:
         yield
         return
-    wanted = {"WANDB_DATA_DIR": str(run_dir / "artifacts-data"), "WANDB_CACHE_DIR": str(run_dir / "artifacts-cache")}
-    before = {k: os.environ.get(k) for k in wanted}
-    os.environ.update(wanted)
-    try:
+    with environ({"WANDB_DATA_DIR": str(run_dir / "artifacts-data"),
+                  "WANDB_CACHE_DIR": str(run_dir / "artifacts-cache")}):
         yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def resolve_mode(cfg_mode: str | None) -> str:
