@@ -308,7 +308,8 @@ def semi_heldout(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("heldout", {}).get("images") and r.get("selection", BALANCED) == BALANCED:
             by[r["fraction"]].append({"seed_index": r["seed_index"], **r["heldout"]})
     return [{"label_fraction": f, "seeds": len(hs), "images": int(np.mean([h["images"] for h in hs])),
-             **{k: round(float(np.mean([h[k] for h in hs])), 4) for k in ("teacher", "finetune", "semi")},
+             **{k: round(float(np.mean([h[k] for h in hs])), 4) for k in ("teacher", "finetune", "ensemble", "semi")
+                if all(k in h for h in hs)},
              "by_seed": hs} for f, hs in sorted(by.items())]
 
 

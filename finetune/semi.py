@@ -9,6 +9,8 @@
   (`blend`; the labeled images keep their one-hot labels): first its head on the pool's backbone features,
   computed once (`finetune.distill_head_epochs`; nearly free), then, for `finetune.semi_epochs` passes, the
   whole network under fine-tuning's augmentation (as in SimCLRv2). Later rounds blend with the last student.
+  `finetune.teacher_models` > 1 blends with the mean prediction of that many models fine-tuned on the subset with
+  different seeds (an ensemble teacher) instead of the one fine-tuned model; the student is still that one.
   `finetune.distill_student=scratch` trains a freshly initialised network instead (Noisy Student's way, Xie et
   al., 2020) for the `semi_epochs` passes, on the same teacher (the fine-tuned model's predictions blended with
   the spread labels).
@@ -35,6 +37,8 @@ pretrains 20 epochs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -125,7 +129,7 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
             labels: np.ndarray, augment, *, rounds: int, epochs: int, batch_size: int, lr: float,
             weight_decay: float, seed: int, mean, std, rank: int = 0, world_size: int = 1,
             device: str | torch.device = "cpu", head_epochs: int = 0,
-            teacher: nn.Module | None = None) -> dict[str, float]:
+            teachers: Sequence[nn.Module] = ()) -> dict[str, float]:
     """Train `model` (in place, the fine-tuned classifier) on the uint8 `pool` images against soft teacher
     labels, `rounds` times. Each round's teacher blends the `propagated` labels with the model's own
     predictions, weighted by how much the two agree (`blend`); the labeled pool images (`labeled`, with
@@ -134,15 +138,20 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
     forward pass, no augmentation: nearly free), so the `epochs` passes of the whole network start from a
     model that already agrees with the teacher. Besides `rounds` and `model_weight`, returns every pool image's
     predicted class before (`pool_before`: the fine-tuned model's) and after (`pool_after`).
-    `teacher`: the fine-tuned model when `model` is a fresh student (`finetune.distill_student=scratch`): the
-    first round blends with its predictions (and `pool_before` is its), not the untrained student's."""
+    `teachers`: fine-tuned models whose mean prediction the first round blends with instead of the model's own:
+    the fine-tuned model when `model` is a fresh student (`finetune.distill_student=scratch`), and the ensemble
+    of `finetune.teacher_models` (the first is the subset's fine-tuned model: `pool_before` is its; with more
+    than one, `pool_ensemble` is their mean's predicted class)."""
     onehot = np.eye(propagated.shape[1], dtype=np.float32)[labels]
-    weights, before = [], None
+    weights, before, extra = [], None, {}
     for r in range(rounds):
         net = unwrap(model)
         feats = predict_features(net, pool, mean, std, device=device)
-        if r == 0 and teacher is not None:
-            own = head_probs(teacher, predict_features(teacher, pool, mean, std, device=device), device)
+        if r == 0 and teachers:
+            probs = [head_probs(t, predict_features(t, pool, mean, std, device=device), device) for t in teachers]
+            own, before = np.mean(probs, axis=0), probs[0].argmax(1)
+            if len(probs) > 1:
+                extra["pool_ensemble"] = own.argmax(1)
         else:
             own = head_probs(net, feats, device)
         if before is None:
@@ -160,7 +169,7 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
     if epochs > 0:  # the backbone moved: its features again (head-only rounds leave them as they were)
         feats = predict_features(net, pool, mean, std, device=device)
     return {"rounds": rounds, "model_weight": float(np.mean(weights)), "pool_before": before,
-            "pool_after": head_probs(net, feats, device).argmax(1)}
+            "pool_after": head_probs(net, feats, device).argmax(1), **extra}
 
 
 def head_probs(net: nn.Module, feats: torch.Tensor, device: str | torch.device = "cpu") -> np.ndarray:

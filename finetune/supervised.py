@@ -118,12 +118,17 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                     soft = propagate(teacher_features(ft.spread_features, pool, unwrap(tuned), mean, std, device),
                                      labeled, pool_y, int(arch["num_classes"]),
                                      k=ft.spread_k, alpha=ft.spread_alpha, prior=ft.spread_prior)
+                    teachers = [unwrap(tuned)] if fresh or ft.teacher_models > 1 else []
+                    for i in range(1, ft.teacher_models):  # the ensemble teacher's other members
+                        torch.manual_seed(ensemble_seed(seed, i))
+                        teachers.append(unwrap(fit(clf.build_classifier(arch, copy.deepcopy(backbone),
+                                                                        copy.deepcopy(head)),
+                                                   xl, yl, ensemble_seed(seed, i), fraction, job["keys"])))
                     stats = distill(model, pool["images"], soft, labeled, pool_y, augs["mild"],
                                     rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
                                     lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,
                                     rank=rank, world_size=world, device=device,
-                                    head_epochs=0 if fresh else ft.distill_head_epochs,
-                                    teacher=unwrap(tuned) if fresh else None)
+                                    head_epochs=0 if fresh else ft.distill_head_epochs, teachers=teachers)
                     stats["heldout"] = heldout_accuracy(pool, set(job["keys"]), soft, stats)
                 elif method == "semi":
                     loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],
@@ -163,6 +168,12 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     return {"results": results, "best": best}
 
 
+def ensemble_seed(seed: int, member: int) -> int:
+    """The training seed of an ensemble teacher's `member`-th extra model (member 0 is the subset's own
+    fine-tuning, at `seed`): far from the next subsets' seeds (seed + 1, ...), so no two runs share one."""
+    return seed + 1_000_003 * member
+
+
 def teacher_features(which: str, pool: dict[str, Any], tuned: torch.nn.Module, mean, std,
                      device: str | torch.device = "cpu") -> np.ndarray:
     """The pool's features label spreading builds its kNN graph on (`finetune.spread_features`): the frozen
@@ -177,7 +188,8 @@ def heldout_accuracy(pool: dict[str, Any], labeled_keys: set[str], soft: np.ndar
                      stats: dict[str, Any]) -> dict[str, float]:
     """A check without the test split: on the pool's train images outside the labeled subset (their labels
     are in the shards but no method trained on them), the accuracy of label spreading's labels (`teacher`),
-    of the fine-tuned model `semi` started from (`finetune`) and of the distilled one (`semi`)."""
+    of the fine-tuned model `semi` started from (`finetune`), of the ensemble teacher's mean prediction
+    (`ensemble`, when `finetune.teacher_models` > 1) and of the distilled model (`semi`)."""
     idx = np.array([i for k, i in pool["index"].items() if k not in labeled_keys and int(pool["labels"][i]) >= 0],
                    dtype=np.int64)
     if not len(idx):
@@ -185,6 +197,8 @@ def heldout_accuracy(pool: dict[str, Any], labeled_keys: set[str], soft: np.ndar
     y = pool["labels"][idx].numpy()
     return {"images": int(len(idx)), "teacher": round(float((soft[idx].argmax(1) == y).mean()), 4),
             "finetune": round(float((stats["pool_before"][idx] == y).mean()), 4),
+            **({"ensemble": round(float((stats["pool_ensemble"][idx] == y).mean()), 4)}
+               if "pool_ensemble" in stats else {}),
             "semi": round(float((stats["pool_after"][idx] == y).mean()), 4)}
 
 

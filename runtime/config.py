@@ -273,6 +273,10 @@ class FinetuneConfig:
     distill_student: Literal["finetuned", "scratch"] = _opt(
         "finetuned", "distill: the student fit to the teacher: finetuned (the subset's fine-tuned model, as "
         "SimCLRv2) | scratch (a freshly initialised network, trained for finetune.semi_epochs passes)")
+    teacher_models: int = _opt(1, "distill: fine-tuned models whose mean prediction the teacher blends with "
+                                  "label spreading: the subset's own plus teacher_models - 1 more, each fine-tuned "
+                                  "from the encoder with another seed (an ensemble teacher; each costs one "
+                                  "fine-tuning); 1: the subset's fine-tuned model alone")
     unlabeled_pool: int = _opt(50000, "distill: at most this many train and as many unlabeled images in memory "
                                       "(seeded samples; 0: the labeled images only)")
     labeled_in_memory: int = _opt(20000, "labeled subsets up to this size are held in memory; larger are streamed")
@@ -317,6 +321,7 @@ class FinetuneConfig:
         _positive("finetune.distill_rounds", self.distill_rounds)
         _non_negative("finetune.distill_head_epochs", self.distill_head_epochs)
         _positive("finetune.spread_k", self.spread_k)
+        _positive("finetune.teacher_models", self.teacher_models)
         if self.distill_student == "scratch" and self.semi_method == "distill" and self.semi_epochs == 0:
             raise UserError("finetune.distill_student=scratch needs finetune.semi_epochs > 0: a fresh student "
                             "learns only in the whole network's passes")

@@ -43,6 +43,7 @@ def test_overrides_are_typed():
     ("finetune.spread_features=pixels", "encoder, finetuned"),
     ("finetune.distill_student=teacher", "finetuned, scratch"),
     ("finetune.distill_student=scratch", "semi_epochs > 0"),
+    ("finetune.teacher_models=0", "finetune.teacher_models must be positive"),
     ("finetune.jitter_prob=1.5", "finetune.jitter_prob must be in [0, 1]"),
     ("finetune.jitter_strength=-0.1", "finetune.jitter_strength must be zero or positive"),
     ("trainer.poll_interval_s=0", "trainer.poll_interval_s must be positive"),

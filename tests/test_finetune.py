@@ -260,10 +260,47 @@ def test_a_fresh_student_learns_the_teacher_and_leaves_the_fine_tuned_model_as_i
     augment = clf.make_augment(clf.mild_augment(AugmentConfig(preset="digits")), int(data["manifest"]["image_size"]),
                                mean, std, "cpu")
     stats = distill(student, images, soft, labeled, labels[labeled], augment, rounds=1, epochs=10,
-                    batch_size=64, lr=0.05, weight_decay=5e-4, seed=0, mean=mean, std=std, teacher=tuned)
+                    batch_size=64, lr=0.05, weight_decay=5e-4, seed=0, mean=mean, std=std, teachers=[tuned])
     assert all(torch.equal(tuned_state[k], v) for k, v in tuned.state_dict().items())
     assert np.array_equal(stats["pool_before"], tuned_pred)  # "before" is the fine-tuned model's
+    assert "pool_ensemble" not in stats  # one teacher: no ensemble
     assert agree() > max(start + 0.3, 0.5)  # measured: 0.09 before; 0.58 after 8 passes
+
+
+def test_an_ensemble_teacher_blends_the_mean_of_its_members_predictions(data):
+    """finetune.teacher_models > 1: the first round blends label spreading with the mean of the members' class
+    probabilities (`blend`'s `own`); `pool_before` stays the first member's (the subset's fine-tuned model) and
+    `pool_ensemble` is the mean's predicted class; the members are only read."""
+    import copy
+
+    from finetune import classifier as clf
+    from finetune.semi import blend, distill, head_probs, predict_features, propagate
+    from pretrain.model import load_encoder
+
+    images, labels, _ = load_split(str(data["shards"]), "train")
+    images, labels = images[:300], labels[:300].numpy()
+    backbone, head, meta = load_encoder(data["encoder"], with_head=True)
+    arch = clf.architecture(meta, 10, "head")
+    mean, std = data["manifest"]["mean"], data["manifest"]["std"]
+    members = []
+    for seed in (0, 1):  # two members that disagree: each a differently initialised classifier head
+        torch.manual_seed(seed)
+        members.append(clf.build_classifier(arch, copy.deepcopy(backbone), copy.deepcopy(head)))
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in members]
+    probs = [head_probs(m, predict_features(m, images, mean, std)) for m in members]
+    assert (probs[0].argmax(1) != probs[1].argmax(1)).any()
+    labeled = np.concatenate([np.flatnonzero(labels == c)[:3] for c in range(10)])
+    soft = propagate(images.reshape(len(images), -1).float().numpy(), labeled, labels[labeled], num_classes=10)
+    student = copy.deepcopy(members[0])
+    augment = clf.make_augment(clf.mild_augment(AugmentConfig(preset="digits")), int(data["manifest"]["image_size"]),
+                               mean, std, "cpu")
+    stats = distill(student, images, soft, labeled, labels[labeled], augment, rounds=1, epochs=0, head_epochs=5,
+                    batch_size=64, lr=0.05, weight_decay=5e-4, seed=0, mean=mean, std=std, teachers=members)
+    mean_probs = (probs[0] + probs[1]) / 2
+    assert np.array_equal(stats["pool_before"], probs[0].argmax(1))
+    assert np.array_equal(stats["pool_ensemble"], mean_probs.argmax(1))
+    assert stats["model_weight"] == pytest.approx(blend(soft, mean_probs)[1], abs=1e-6)
+    assert all(torch.equal(st[k], v) for m, st in zip(members, states) for k, v in m.state_dict().items())
 
 
 def test_the_teacher_trusts_the_model_only_as_far_as_it_agrees_with_label_spreading():
@@ -369,16 +406,16 @@ def test_report_rows_are_complete_and_accuracies_are_fractions(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("semi_method,student", [("distill", "finetuned"), ("fixmatch", "finetuned"),
-                                                 ("distill", "scratch")])
-def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method, student):
+@pytest.mark.parametrize("semi_method,student,teachers", [("distill", "finetuned", 1), ("fixmatch", "finetuned", 1),
+                                                          ("distill", "scratch", 2)])
+def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method, student, teachers):
     """finetune.parallel=train: scratch, finetune and semi on 2 Ray Train workers (gloo DDP), one report;
-    distill's student either the fine-tuned model or a fresh network."""
+    distill's student either the fine-tuned model or a fresh network, taught by an ensemble of two."""
     out = tmp_path / "ddp"
     rc = selfsup(["finetune", f"output_dir={out}", f"encoder={data['encoder']}", f"data.shards={data['shards']}",
                   "finetune.parallel=train", "finetune.methods=[scratch,finetune,semi]", "finetune.fractions=[0.1]",
                   f"finetune.semi_method={semi_method}", f"finetune.distill_student={student}",
-                  "finetune.num_seeds=1", "finetune.epochs=1",
+                  f"finetune.teacher_models={teachers}", "finetune.num_seeds=1", "finetune.epochs=1",
                   "finetune.semi_epochs=1", "finetune.full_fraction_methods=[]", "trainer.torch_threads=1",
                   "wandb.enabled=false"])
     assert rc == 0
@@ -386,6 +423,9 @@ def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method, studen
     assert report["execution"] == "train" and report["num_workers"] == 2 and report["semi_method"] == semi_method
     assert report.get("semi_student") == (student if semi_method == "distill" else None)
     assert ("freshly initialised network" in (out / "report.md").read_text()) == (student == "scratch")
+    held = report.get("semi_heldout") or [{}]
+    assert ("ensemble" in held[0]) == (teachers > 1)  # the ensemble's own check on the held-out train images
+    assert ("ensemble teacher's mean prediction" in (out / "report.md").read_text()) == (teachers > 1)
     assert {(r["method"], r["label_fraction"]) for r in report["results"]} == {
         ("scratch", 0.1), ("finetune", 0.1), ("semi", 0.1)}
     assert all(0.0 <= r["accuracy_mean"] <= 1.0 for r in report["results"])
