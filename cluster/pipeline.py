@@ -20,6 +20,7 @@ import yaml
 from finetune.report import MIN_TEST_SAMPLES_FOR_VERDICT
 from runtime.config import Config, rename_deprecated, save_config, to_dict
 from runtime.errors import UserError
+from runtime.files import atomic_write_text
 from runtime.runlock import hold, lock_scope
 
 STAGES = ("shard", "pretrain", "finetune")
@@ -60,6 +61,7 @@ def run_pipeline(cfg: Config, force: list[str] | tuple[str, ...] = (), local: bo
             summary = _run_stages(cfg, config_path, first_forced, local,
                                   forced_side=[s for s in force if s in SIDE_STAGES])
     save_config(cfg, out / "pipeline.config.yaml")
+    atomic_write_text(out / "pipeline.json", json.dumps(summary, indent=2) + "\n")  # the run's stages and their seconds, for scripts
     print(format_summary(summary), flush=True)
     return summary
 
@@ -68,12 +70,13 @@ def _run_stages(cfg: Config, config_path: Path, first_forced: int, local: bool,
                 forced_side: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     t0 = time.monotonic()
     done: dict[str, str] = {}
+    seconds: dict[str, float] = {}  # each stage that ran (side stages too), in the order they ran
     redo = False  # once a stage runs, every later stage runs too: its inputs changed
     for i, stage in enumerate(STAGES):
         if i > 0:
             for side, after in SIDE_STAGES.items():
                 if after == STAGES[i - 1]:
-                    _side_stage(side, cfg, config_path, local, redo or side in forced_side, done)
+                    _side_stage(side, cfg, config_path, local, redo or side in forced_side, done, seconds)
         is_done, stale = _status(stage, cfg)
         redo = redo or i >= first_forced or not is_done
         if not redo:
@@ -93,11 +96,13 @@ def _run_stages(cfg: Config, config_path: Path, first_forced: int, local: bool,
         STAGE_FUNCS[stage](cfg, config_path, local)
         if not _status(stage, cfg)[0]:
             raise UserError(f"stage {stage} finished without writing {_marker(stage, cfg)}: see its output above")
-        done[stage] = f"ran in {time.monotonic() - s0:.0f} s"
-        print(f"[pipeline] {stage}: done in {time.monotonic() - s0:.0f} s", flush=True)
+        seconds[stage] = round(time.monotonic() - s0, 1)
+        done[stage] = f"ran in {seconds[stage]:.0f} s"
+        print(f"[pipeline] {stage}: done in {seconds[stage]:.0f} s", flush=True)
 
     summary = summarize(cfg)
     summary["stages"] = done
+    summary["stage_s"] = seconds
     summary["wall_s"] = round(time.monotonic() - t0, 1)
     return summary
 
@@ -150,7 +155,8 @@ def _inspect(cfg: Config, config_path: Path, local: bool) -> None:
     _call(add_inspect_args, inspect_main, ["--config", str(config_path)])
 
 
-def _side_stage(stage: str, cfg: Config, config_path: Path, local: bool, redo: bool, done: dict[str, str]) -> None:
+def _side_stage(stage: str, cfg: Config, config_path: Path, local: bool, redo: bool, done: dict[str, str],
+                seconds: dict[str, float]) -> None:
     """A side stage (SIDE_STAGES): off by its config key, skipped when done unless its input was redone or it
     was forced; its outcome never makes a later stage run."""
     if not getattr(cfg, stage).enabled:
@@ -167,8 +173,9 @@ def _side_stage(stage: str, cfg: Config, config_path: Path, local: bool, redo: b
     print(f"[pipeline] {stage}: running", flush=True)
     s0 = time.monotonic()
     STAGE_FUNCS[stage](cfg, config_path, local)
-    done[stage] = f"ran in {time.monotonic() - s0:.0f} s"
-    print(f"[pipeline] {stage}: done in {time.monotonic() - s0:.0f} s ({_marker(stage, cfg)})", flush=True)
+    seconds[stage] = round(time.monotonic() - s0, 1)
+    done[stage] = f"ran in {seconds[stage]:.0f} s"
+    print(f"[pipeline] {stage}: done in {seconds[stage]:.0f} s ({_marker(stage, cfg)})", flush=True)
 
 
 STAGE_FUNCS = {"shard": _shard, "pretrain": _pretrain, "finetune": _finetune, "inspect": _inspect}

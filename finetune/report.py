@@ -214,7 +214,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     for h in report.get("semi_heldout") or []:
         lines.append(f"Without the test split, on the ~{h['images']} train images outside each {_pct(h['label_fraction'])} "
                      f"subset (mean of {h['seeds']}): label spreading {h['teacher'] * 100:.1f}%, `finetune` "
-                     f"{h['finetune'] * 100:.1f}%, `semi` {h['semi'] * 100:.1f}%.")
+                     f"{h['finetune'] * 100:.1f}%, "
+                     + (f"the ensemble teacher's mean prediction {h['ensemble'] * 100:.1f}%, " if "ensemble" in h else "")
+                     + f"`semi` {h['semi'] * 100:.1f}%.")
     lines += selection_markdown(report)
     lines += ["", "![label efficiency](label_efficiency.png)", ""]
     return "\n".join(lines)
@@ -399,6 +401,12 @@ def readme_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pipeline_line(record: dict[str, Any]) -> str:
+    """One sentence on how long `selfsup pipeline` took, stage by stage, from its `pipeline.json`."""
+    stages = ", ".join(f"{stage} {s:.0f} s" for stage, s in (record.get("stage_s") or {}).items())
+    return f"The pipeline ran in {record['wall_s']:.0f} s" + (f" ({stages})." if stages else " (every stage skipped).")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m finetune.report RUN_DIR [--markdown] [--readme FILE --section NAME]`: print README's table
     from RUN_DIR/report.json, or write it into FILE between `<!-- figures:NAME -->` markers."""
@@ -427,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{path} has no rows on selected subsets: run `selfsup finetune` with "
                                 "finetune.selection=[random,typiclust]")
             table = readme_table(report) if args.table == "methods" else selection_table(report)
+            # written by `selfsup pipeline` after its report.json; a report redone since is not that run's
+            timing = path.parent / "pipeline.json"
+            if args.table == "methods" and timing.is_file() and timing.stat().st_mtime >= path.stat().st_mtime:
+                table += "\n" + pipeline_line(json.loads(timing.read_text())) + "\n"
         except FileNotFoundError:
             raise UserError(f"{path} not found: run `selfsup finetune` (or the pipeline) first") from None
         except (OSError, ValueError, KeyError, TypeError) as e:

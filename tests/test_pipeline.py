@@ -60,6 +60,16 @@ def test_pipeline_runs_skips_forces_and_resumes(tmp_path, capsys, monkeypatch):
     assert (run_dir / "pipeline.config.yaml").is_file()
     assert "group: digits" in (run_dir / "pipeline.config.yaml").read_text()  # one W&B group for all stages
     assert epochs_in(run_dir / "metrics.jsonl") == [1, 2]
+    # pipeline.json: the printed summary for scripts, each stage's seconds in the order the stages ran
+    record = json.loads((run_dir / "pipeline.json").read_text())
+    assert list(record["stage_s"]) == ["shard", "pretrain", "inspect", "finetune"]
+    assert all(s > 0 for s in record["stage_s"].values()) and record["wall_s"] >= sum(record["stage_s"].values())
+    assert f"pipeline done in {record['wall_s']:.0f} s" in out and record["report_json"] == str(run_dir / "report.json")
+    from finetune.report import main as report_main
+
+    assert report_main([str(run_dir), "--markdown"]) == 0  # README's table says how long the run took
+    table = capsys.readouterr().out
+    assert f"The pipeline ran in {record['wall_s']:.0f} s (shard " in table and "finetune " in table
 
     # 2. a second run skips every stage and changes nothing
     before = {p: digest(p) for p in (run_dir / "encoder.json", run_dir / "report.json",
@@ -69,6 +79,8 @@ def test_pipeline_runs_skips_forces_and_resumes(tmp_path, capsys, monkeypatch):
         assert f"[pipeline] {stage}: done, skipped" in out
     assert "running" not in out and "NOTE" not in out
     assert before == {p: digest(p) for p in before}
+    record = json.loads((run_dir / "pipeline.json").read_text())  # this run's record: nothing ran
+    assert record["stage_s"] == {} and set(record["stages"].values()) == {"skipped"}
     out = run(capsys, [*tiny(tmp_path), "inspect.enabled=false"])
     assert "[pipeline] inspect: off (inspect.enabled=false)" in out and "running" not in out
 
