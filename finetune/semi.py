@@ -32,8 +32,8 @@ the student from 83.8 +- 5.3 to 87.8 +- 5.2% at 1% (10%: 97.8 -> 97.9), and k=3 
 images, and the student's on a fifth of the train split held out of the pool (`--holdout 0.2`); never on the
 test split. Features other than the backbone's (projection head, centred, whitened, averaged over augmented
 views), other alphas and ensembles of k did not validate better. A 40-epoch encoder did (teacher on the pool
-88.7 / 96.1 -> 92.0 / 97.3%, student 91.4 +- 2.7 / 97.8 +- 0.8% on test) but put the demo over 5 minutes, so digits
-pretrains 20 epochs.
+88.7 / 96.1 -> 92.0 / 97.3%, student 91.4 +- 2.7 / 97.8 +- 0.8% on test); it put the demo over 5 minutes then,
+and since the demo got faster (issue 15) digits pretrains 40 epochs (bench/README.md has today's figures).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ class OptimConfig:
 class PretrainConfig:
     """SimCLR pretraining: budget, loss, checkpoints and the kNN monitor."""
 
-    epochs: int = _opt(20, "passes over the train (+ unlabeled) split")
+    epochs: int = _opt(40, "passes over the train (+ unlabeled) split")
     global_batch_size: int = _opt(128, "images per step over all workers, split evenly over them")
     temperature: float = _opt(0.1, "NT-Xent temperature")
     checkpoint_every: int = _opt(1, "epochs between checkpoints (a lost worker costs at most this)")
