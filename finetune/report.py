@@ -90,13 +90,40 @@ def comparisons(rows: list[dict], test_samples: int | None = None) -> list[dict[
     return out
 
 
+def semi_vs_finetune(rows: list[dict], test_samples: int | None = None) -> list[dict[str, Any]]:
+    """Per labeled fraction below 1 where both ran on the same subsets: what the unlabeled images add, `semi`
+    against the `finetune` model it starts from. `margin`, `std` (the larger of the two) and `beats_by_2std` as in
+    `comparisons`; and, the subsets being the same for both (accuracies in seed order), the paired view: each
+    subset's difference, their `paired_std` (sample std), `beats_by_2std_paired` (mean difference > 2 of it) and
+    `wins` (subsets where semi is ahead). None where there are fewer than 2 subsets or too few test images."""
+    too_few = test_samples is not None and test_samples < MIN_TEST_SAMPLES_FOR_VERDICT
+    out = []
+    for f in sorted({r["label_fraction"] for r in rows if r["label_fraction"] < 1}):
+        semi, tuned = _row(rows, "semi", f), _row(rows, "finetune", f)
+        if semi is None or tuned is None or semi["seeds"] != tuned["seeds"]:
+            continue
+        diffs = np.asarray(semi["accuracies"]) - np.asarray(tuned["accuracies"])
+        margin = float(diffs.mean())
+        testable = semi["seeds"] >= MIN_SEEDS and not too_few
+        spread = max(semi["accuracy_std"], tuned["accuracy_std"])
+        paired = float(diffs.std(ddof=1)) if len(diffs) > 1 else None
+        out.append({"label_fraction": f, "labels": semi["labels"], "seeds": semi["seeds"], "margin": margin,
+                    "std": spread if testable else None,
+                    "beats_by_2std": bool(margin > 0 and margin > 2 * spread) if testable else None,
+                    "paired_std": paired if testable else None,
+                    "beats_by_2std_paired": bool(margin > 0 and margin > 2 * paired) if testable else None,
+                    "wins": int((diffs > 0).sum())})
+    return out
+
+
 def build_report(dataset: str, encoder: str | None, rows: list[dict], **extra: Any) -> dict[str, Any]:
     rows = _order(rows)
     compute: dict[str, float] = {}
     for r in _balanced(rows):
         compute[r["method"]] = round(compute.get(r["method"], 0.0) + r["compute_s"], 2)
     out = {"dataset": dataset, "encoder": encoder, "results": rows, "compute_s": compute,
-           "comparisons": comparisons(rows, extra.get("test_samples")), **extra}
+           "comparisons": comparisons(rows, extra.get("test_samples")),
+           "semi_vs_finetune": semi_vs_finetune(rows, extra.get("test_samples")), **extra}
     strategies = sorted({_selection(r) for r in rows} - {BALANCED})
     if strategies:
         out["selection"] = strategies
@@ -154,6 +181,7 @@ def summary_sentences(report: dict[str, Any]) -> list[str]:
             out.append(f"Flag: at {_pct(c['label_fraction'])} the spread over labeled subsets (std "
                        f"{am['std'] * 100:.1f} points) is larger than `{c['best']}`'s margin over `{m}` "
                        f"({am['margin'] * 100:+.1f} points): that lead is not reliable.")
+    out += semi_sentences(report)
     full = [r for r in rows if r["label_fraction"] >= 1]
     few = [r for r in rows if r["label_fraction"] < 1 and r["method"] in PRETRAINED]
     if full and few:
@@ -170,6 +198,24 @@ def summary_sentences(report: dict[str, Any]) -> list[str]:
             f"labels ({_pct(top_few['label_fraction'])}) beats it by {-gap * 100:.1f} points"
         )
         out[-1] += "."
+    return out
+
+
+def semi_sentences(report: dict[str, Any]) -> list[str]:
+    """One sentence per fraction on `semi` against the `finetune` model it starts from (`semi_vs_finetune`;
+    computed from the rows for a report.json written before that key existed)."""
+    out = []
+    pairs = report.get("semi_vs_finetune")
+    if pairs is None:
+        pairs = semi_vs_finetune(report["results"], report.get("test_samples"))
+    for c in pairs:
+        line = (f"At {_pct(c['label_fraction'])}, what the unlabeled images add: `semi` is {c['margin'] * 100:+.1f} "
+                f"points against the `finetune` model it starts from, ahead on {c['wins']} of {c['seeds']} subsets")
+        if c["beats_by_2std"] is not None:
+            line += (f"; {'more' if c['beats_by_2std'] else 'not more'} than two standard deviations of either "
+                     f"(std {c['std'] * 100:.1f}), {'more' if c['beats_by_2std_paired'] else 'not more'} than two "
+                     f"of the per-subset differences (std {c['paired_std'] * 100:.1f})")
+        out.append(line + ".")
     return out
 
 
@@ -398,7 +444,8 @@ def readme_table(report: dict[str, Any]) -> str:
                 text += f" ± {r['accuracy_std'] * 100:.1f}"
             cells.append(f"**{text}**" if best.get(f) == m else text)
         lines.append(f"| `{m}`{' ' + note if note else ''} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    said = semi_sentences(report)
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(said) + "\n" if said else "")
 
 
 def pipeline_line(record: dict[str, Any]) -> str:

@@ -507,7 +507,11 @@ def test_readme_table_is_generated_from_report_json(run):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     report = json.loads((run / "report.json").read_text())
-    lines = p.stdout.splitlines()
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("|")]
+    # under the table, a sentence per fraction on semi against the finetune model it starts from
+    said = p.stdout.split("\n\n", 1)[1].splitlines()
+    assert [c["label_fraction"] for c in report["semi_vs_finetune"]] == [0.01, 0.1]
+    assert len(said) == 2 and all(ln.startswith("At ") and "against the `finetune` model" in ln for ln in said)
     fractions = sorted({r["label_fraction"] for r in report["results"]})
     labels = {f: max(r["labels"] for r in report["results"] if r["label_fraction"] == f) for f in fractions}
     assert lines[0] == "| method | " + " | ".join(f"{f * 100:g} % ({labels[f]:,} labels)" for f in fractions) + " |"

@@ -163,3 +163,26 @@ def test_a_lead_smaller_than_the_spread_is_flagged_in_json_and_markdown():
     one = build_report("d", None, [result_row("pixels", 0.1, 10, [0.8], 1.0), result_row("finetune", 0.1, 10, [0.81], 1.0)])
     assert one["comparisons"][0]["against"]["pixels"]["std_exceeds_margin"] is None  # no spread from one seed
     assert one["comparisons"][0]["std_exceeds_margin"] == []
+
+
+def test_semi_against_finetune_on_the_same_subsets_unpaired_and_paired():
+    """report.json's `semi_vs_finetune`: what the unlabeled images add over the model semi starts from. The spread
+    over subsets hides a lead that every subset shows; the per-subset differences do not."""
+    rows = [result_row("finetune", 0.01, 10, [0.40, 0.46, 0.49], 1.0),
+            result_row("semi", 0.01, 10, [0.48, 0.55, 0.60], 1.0),  # +0.08, +0.09, +0.11 on the same subsets
+            result_row("scratch", 0.01, 10, [0.2, 0.25, 0.3], 1.0)]
+    c = build_report("d", None, rows, test_samples=300)["semi_vs_finetune"][0]
+    assert c["label_fraction"] == 0.01 and c["seeds"] == 3 and c["wins"] == 3
+    assert c["margin"] == pytest.approx(0.28 / 3) and c["std"] == pytest.approx(np.std([0.48, 0.55, 0.60], ddof=1))
+    assert c["beats_by_2std"] is False  # 0.093 is not more than 2 x 0.060
+    assert c["paired_std"] == pytest.approx(np.std([0.08, 0.09, 0.11], ddof=1))  # 0.015
+    assert c["beats_by_2std_paired"] is True
+    md = to_markdown(build_report("d", None, rows, test_samples=300))
+    assert "`semi` is +9.3 points against the `finetune` model it starts from, ahead on 3 of 3 subsets" in md
+    assert "not more than two standard deviations of either (std 6.0), more than two of the per-subset" in md
+    for few in (build_report("d", None, rows, test_samples=20),  # too few test images to tell
+                build_report("d", None, [result_row("finetune", 0.01, 10, [0.4], 1.0),
+                                         result_row("semi", 0.01, 10, [0.5], 1.0)])):  # one subset: no spread
+        c = few["semi_vs_finetune"][0]
+        assert c["beats_by_2std"] is None and c["beats_by_2std_paired"] is None and c["paired_std"] is None
+    assert build_report("d", None, rows[:1])["semi_vs_finetune"] == []  # no semi: nothing to compare
