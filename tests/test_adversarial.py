@@ -240,7 +240,7 @@ def test_two_pipelines_on_one_output_dir(tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
     for rel in ("shards/manifest.json", "shards/subsets/labeled-0.1-seed0.txt", "config.yaml", "encoder.json",
-                "encoder.safetensors", "report.json", "pipeline.config.yaml"):
+                "encoder.safetensors", "report.json", "pipeline.config.yaml", "pipeline.json"):
         assert (run / rel).stat().st_mode & 0o777 == 0o666 & ~umask, rel
     for f in (run / "classifiers").rglob("*"):
         if f.is_file():
