@@ -63,7 +63,10 @@ def test_pipeline_runs_skips_forces_and_resumes(tmp_path, capsys, monkeypatch):
     # pipeline.json: the printed summary for scripts, each stage's seconds in the order the stages ran
     record = json.loads((run_dir / "pipeline.json").read_text())
     assert list(record["stage_s"]) == ["shard", "pretrain", "inspect", "finetune"]
-    assert all(s > 0 for s in record["stage_s"].values()) and record["wall_s"] >= sum(record["stage_s"].values())
+    # each figure is rounded to 0.1 s, so the stages may sum past the wall time by half a tenth each
+    slack = 0.05 * (len(record["stage_s"]) + 1)
+    assert all(s > 0 for s in record["stage_s"].values())
+    assert record["wall_s"] + slack >= sum(record["stage_s"].values())
     assert f"pipeline done in {record['wall_s']:.0f} s" in out and record["report_json"] == str(run_dir / "report.json")
     from finetune.report import main as report_main
 
