@@ -14,6 +14,8 @@
   `finetune.distill_student=scratch` trains a freshly initialised network instead (Noisy Student's way, Xie et
   al., 2020) for the `semi_epochs` passes, on the same teacher (the fine-tuned model's predictions blended with
   the spread labels).
+  `finetune.distill_bn_stats=pool` re-estimates the student's batch-norm statistics on the whole pool (no
+  labels) before its head is fit, instead of keeping those fine-tuning estimated on the few labeled images.
 - `fixmatch` (Sohn et al., 2020): the prediction on a weak view (flip/crop) of an unlabeled image becomes
   the pseudo-label of a strong view (the full SimCLR recipe) of the same image, counted only where its
   confidence reaches `finetune.fixmatch_threshold`. Streams the unlabeled shards, so it suits pools too large to hold.
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.classifier import make_optimizer, predict_logits, rank_share, train_supervised
+from pretrain.augment import normalize
 from pretrain.model import unwrap
 from pretrain.optim import lr_at, set_lr
 
@@ -129,7 +132,7 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
             labels: np.ndarray, augment, *, rounds: int, epochs: int, batch_size: int, lr: float,
             weight_decay: float, seed: int, mean, std, rank: int = 0, world_size: int = 1,
             device: str | torch.device = "cpu", head_epochs: int = 0,
-            teachers: Sequence[nn.Module] = ()) -> dict[str, float]:
+            teachers: Sequence[nn.Module] = (), bn_stats: str = "labeled") -> dict[str, float]:
     """Train `model` (in place, the fine-tuned classifier) on the uint8 `pool` images against soft teacher
     labels, `rounds` times. Each round's teacher blends the `propagated` labels with the model's own
     predictions, weighted by how much the two agree (`blend`); the labeled pool images (`labeled`, with
@@ -141,7 +144,10 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
     `teachers`: fine-tuned models whose mean prediction the first round blends with instead of the model's own:
     the fine-tuned model when `model` is a fresh student (`finetune.distill_student=scratch`), and the ensemble
     of `finetune.teacher_models` (the first is the subset's fine-tuned model: `pool_before` is its; with more
-    than one, `pool_ensemble` is their mean's predicted class)."""
+    than one, `pool_ensemble` is their mean's predicted class).
+    `bn_stats="pool"`: once the first round's teacher is made, the student's backbone takes its batch-norm
+    statistics from the whole pool (`pool_bn_stats`) instead of keeping those fine-tuning left, estimated on the
+    labeled subset's augmented images alone (`finetune.distill_bn_stats`)."""
     onehot = np.eye(propagated.shape[1], dtype=np.float32)[labels]
     weights, before, extra = [], None, {}
     for r in range(rounds):
@@ -156,6 +162,9 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
             own = head_probs(net, feats, device)
         if before is None:
             before = own.argmax(1)
+        if r == 0 and bn_stats == "pool":  # the teacher keeps the fine-tuned model's view; the student the pool's
+            pool_bn_stats(net, pool, mean, std, device=device)
+            feats = predict_features(net, pool, mean, std, device=device)
         teacher, w = blend(propagated, own)
         weights.append(w)
         teacher[labeled] = onehot
@@ -170,6 +179,32 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
         feats = predict_features(net, pool, mean, std, device=device)
     return {"rounds": rounds, "model_weight": float(np.mean(weights)), "pool_before": before,
             "pool_after": head_probs(net, feats, device).argmax(1), **extra}
+
+
+@torch.no_grad()
+def pool_bn_stats(net: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 512,
+                  device: str | torch.device = "cpu") -> None:
+    """Re-estimate the batch-norm running statistics of the classifier's backbone on uint8 `images` (the
+    pool: no labels, no augmentation, normalised like the test split): a forward pass in train mode, each
+    layer's statistics the plain mean over near-equal batches (momentum None), then the layers' momentum
+    restored. No weight changes. The same on every rank (same pool): the ranks' statistics stay identical."""
+    backbone = net.backbone
+    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or len(images) == 0:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was = backbone.training
+    backbone.train()
+    try:
+        for idx in torch.arange(len(images)).tensor_split(max(1, -(-len(images) // batch_size))):
+            backbone(normalize(images[idx].to(device), mean, std))
+    finally:
+        backbone.train(was)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
 
 
 def head_probs(net: nn.Module, feats: torch.Tensor, device: str | torch.device = "cpu") -> np.ndarray:

@@ -128,7 +128,8 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                                     rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
                                     lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,
                                     rank=rank, world_size=world, device=device,
-                                    head_epochs=0 if fresh else ft.distill_head_epochs, teachers=teachers)
+                                    head_epochs=0 if fresh else ft.distill_head_epochs, teachers=teachers,
+                                    bn_stats=ft.distill_bn_stats)
                     stats["heldout"] = heldout_accuracy(pool, set(job["keys"]), soft, stats)
                 elif method == "semi":
                     loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],

@@ -277,6 +277,9 @@ class FinetuneConfig:
                                   "label spreading: the subset's own plus teacher_models - 1 more, each fine-tuned "
                                   "from the encoder with another seed (an ensemble teacher; each costs one "
                                   "fine-tuning); 1: the subset's fine-tuned model alone")
+    distill_bn_stats: Literal["labeled", "pool"] = _opt(
+        "labeled", "distill: the student's batch-norm statistics: labeled (those fine-tuning estimated on the "
+        "labeled subset) | pool (re-estimated on the whole unlabeled pool before the head is fit)")
     unlabeled_pool: int = _opt(50000, "distill: at most this many train and as many unlabeled images in memory "
                                       "(seeded samples; 0: the labeled images only)")
     labeled_in_memory: int = _opt(20000, "labeled subsets up to this size are held in memory; larger are streamed")

@@ -196,6 +196,57 @@ def test_distill_head_epochs_fit_the_head_to_the_teacher_on_cached_features(data
     assert (stats["pool_after"] == soft.argmax(1)).mean() > (stats["pool_before"] == soft.argmax(1)).mean()
 
 
+def test_pool_bn_stats_takes_the_backbones_batch_norm_statistics_from_the_pool_and_nothing_else(data):
+    """finetune.distill_bn_stats=pool: the student's backbone re-estimates its batch-norm statistics on the pool
+    (train mode, no augmentation), weights untouched; distill's teacher still blends the fine-tuned model's own
+    predictions, made with the statistics fine-tuning left."""
+    import copy
+
+    from finetune import classifier as clf
+    from finetune.semi import distill, pool_bn_stats, propagate
+    from pretrain.augment import normalize
+    from pretrain.model import load_encoder
+
+    images, labels, _ = load_split(str(data["shards"]), "train")
+    images, labels = images[:400], labels[:400].numpy()
+    backbone, head, meta = load_encoder(data["encoder"], with_head=True)
+    mean, std = data["manifest"]["mean"], data["manifest"]["std"]
+    model = clf.build_classifier(clf.architecture(meta, 10, "head"), copy.deepcopy(backbone), copy.deepcopy(head))
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:  # statistics from elsewhere, as a fine-tuning on a few labeled images leaves them
+        m.running_mean.fill_(3.0)
+        m.running_var.fill_(7.0)
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    model.eval()
+    pool_bn_stats(model, images, mean, std, batch_size=100)  # 4 equal batches: the mean of theirs is the pool's
+    assert not model.training and [m.momentum for m in bns] == [0.1] * len(bns)
+    assert all(torch.equal(params[k], v) for k, v in model.named_parameters())
+    # the first layer's input does not depend on any statistics: its mean over the pool, per channel
+    first = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        out = first(normalize(images, mean, std))
+    assert torch.allclose(bns[0].running_mean, out.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert all(not torch.allclose(m.running_var, torch.full_like(m.running_var, 7.0)) for m in bns)
+
+    labeled = np.concatenate([np.flatnonzero(labels == c)[:3] for c in range(10)])
+    soft = propagate(images.reshape(len(images), -1).float().numpy(), labeled, labels[labeled], num_classes=10)
+    tuned = clf.build_classifier(clf.architecture(meta, 10, "head"), copy.deepcopy(backbone), copy.deepcopy(head))
+    for m in tuned.backbone.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.fill_(0.5)
+    kept, pooled = copy.deepcopy(tuned), copy.deepcopy(tuned)
+    runs = [distill(student, images, soft, labeled, labels[labeled], lambda u: u.float(), rounds=1, epochs=0,
+                    batch_size=64, lr=0.05, weight_decay=5e-4, seed=0, mean=mean, std=std, head_epochs=5,
+                    bn_stats=bn) for student, bn in ((kept, "labeled"), (pooled, "pool"))]
+    assert np.array_equal(runs[0]["pool_before"], runs[1]["pool_before"])  # the same teacher
+    assert runs[0]["model_weight"] == runs[1]["model_weight"]
+    stats = lambda m: [b.running_mean for b in m.backbone.modules()  # noqa: E731
+                       if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)]
+    assert all(torch.equal(a, b) for a, b in zip(stats(kept), stats(tuned)))
+    assert not torch.equal(stats(pooled)[0], stats(tuned)[0])
+    assert all(torch.equal(a, b) for a, b in zip(kept.backbone.parameters(), pooled.backbone.parameters()))
+
+
 def test_spreading_on_the_fine_tuned_features_carries_labels_further_than_a_weak_encoder(data):
     """finetune.spread_features: `encoder` spreads on the frozen encoder's features (here random, weak);
     `finetuned` on the backbone of the network fine-tuned on the subset, which separates the classes better,
@@ -391,6 +442,7 @@ def test_report_rows_are_complete_and_accuracies_are_fractions(run):
         assert r["accuracy_mean"] == pytest.approx(sum(r["accuracies"]) / len(r["accuracies"]))
         assert r["labels"] == {0.01: 15, 0.1: 144, 1.0: 1437}[r["label_fraction"]]
     assert report["semi_method"] == "distill" and report["semi_student"] == "finetuned"
+    assert report["semi_bn_stats"] == "labeled"
     # distill's check without the test split: on the train images outside each subset (1437 minus its labels)
     held = {h["label_fraction"]: h for h in report["semi_heldout"]}
     assert set(held) == {0.01, 0.1} and held[0.01]["images"] == 1437 - 15 and held[0.1]["images"] == 1437 - 144
@@ -406,22 +458,26 @@ def test_report_rows_are_complete_and_accuracies_are_fractions(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("semi_method,student,teachers", [("distill", "finetuned", 1), ("fixmatch", "finetuned", 1),
-                                                          ("distill", "scratch", 2)])
-def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method, student, teachers):
+@pytest.mark.parametrize("semi_method,student,teachers,bn", [("distill", "finetuned", 1, "pool"),
+                                                             ("fixmatch", "finetuned", 1, "labeled"),
+                                                             ("distill", "scratch", 2, "labeled")])
+def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method, student, teachers, bn):
     """finetune.parallel=train: scratch, finetune and semi on 2 Ray Train workers (gloo DDP), one report;
-    distill's student either the fine-tuned model or a fresh network, taught by an ensemble of two."""
+    distill's student either the fine-tuned model (its batch-norm statistics re-estimated on the pool on every
+    rank) or a fresh network, taught by an ensemble of two."""
     out = tmp_path / "ddp"
     rc = selfsup(["finetune", f"output_dir={out}", f"encoder={data['encoder']}", f"data.shards={data['shards']}",
                   "finetune.parallel=train", "finetune.methods=[scratch,finetune,semi]", "finetune.fractions=[0.1]",
                   f"finetune.semi_method={semi_method}", f"finetune.distill_student={student}",
-                  f"finetune.teacher_models={teachers}", "finetune.num_seeds=1", "finetune.epochs=1",
+                  f"finetune.teacher_models={teachers}", f"finetune.distill_bn_stats={bn}",
+                  "finetune.num_seeds=1", "finetune.epochs=1",
                   "finetune.semi_epochs=1", "finetune.full_fraction_methods=[]", "trainer.torch_threads=1",
                   "wandb.enabled=false"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["execution"] == "train" and report["num_workers"] == 2 and report["semi_method"] == semi_method
     assert report.get("semi_student") == (student if semi_method == "distill" else None)
+    assert report.get("semi_bn_stats") == (bn if semi_method == "distill" else None)
     assert ("freshly initialised network" in (out / "report.md").read_text()) == (student == "scratch")
     held = report.get("semi_heldout") or [{}]
     assert ("ensemble" in held[0]) == (teachers > 1)  # the ensemble's own check on the held-out train images
