@@ -152,18 +152,21 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
     weights, before, extra = [], None, {}
     for r in range(rounds):
         net = unwrap(model)
-        feats = predict_features(net, pool, mean, std, device=device)
+        feats = None  # the student's backbone features of the pool, once its statistics are final for the round
         if r == 0 and teachers:
             probs = [head_probs(t, predict_features(t, pool, mean, std, device=device), device) for t in teachers]
             own, before = np.mean(probs, axis=0), probs[0].argmax(1)
             if len(probs) > 1:
                 extra["pool_ensemble"] = own.argmax(1)
         else:
+            feats = predict_features(net, pool, mean, std, device=device)
             own = head_probs(net, feats, device)
         if before is None:
             before = own.argmax(1)
         if r == 0 and bn_stats == "pool":  # the teacher keeps the fine-tuned model's view; the student the pool's
             pool_bn_stats(net, pool, mean, std, device=device)
+            feats = None
+        if feats is None:
             feats = predict_features(net, pool, mean, std, device=device)
         teacher, w = blend(propagated, own)
         weights.append(w)
