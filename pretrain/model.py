@@ -66,12 +66,103 @@ def _small_stem(backbone: nn.Module, name: str) -> None:
 
 
 def convert_sync_batchnorm(model: nn.Module, enabled: bool, device: torch.device | str) -> nn.Module:
-    """SyncBatchNorm (statistics over the global batch) when asked; torch only supports it on accelerators."""
+    """Batch norm over the global batch (across workers) when asked: torch's SyncBatchNorm on accelerators,
+    `CPUSyncBatchNorm` on CPU workers, where torch has none."""
     if not enabled:
         return model
     if torch.device(device).type == "cpu":
-        raise UserError("model.sync_batchnorm=true needs GPUs (torch has no CPU SyncBatchNorm): set it to false")
+        return CPUSyncBatchNorm.convert(model)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, for CPU workers under DDP.
+
+    torch's SyncBatchNorm runs on accelerators only. This one does what it does with CPU ops: each layer's
+    forward gathers every rank's per-channel mean, variance and count (one small all-gather, combined exactly),
+    normalises with torch's fused batch norm, and its backward all-reduces the two per-channel sums the input
+    gradient needs, so N workers normalise and back-propagate like one process over the whole batch, as SimCLR's
+    global BN does across accelerators. Weight and bias gradients stay local: DDP averages them. In eval mode, or
+    without a process group of more than one rank, it is plain BatchNorm. The state dict is BatchNorm's, so the
+    exported encoder loads into the plain timm model.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.float(), dims, correction=0)
+            local = torch.cat([mean, var, mean.new_full((1,), x.numel() // c)])
+            ranks = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(ranks, local)
+            every = torch.stack(ranks)  # rank x (means, variances, count)
+            counts = every[:, -1:]
+            n = counts.sum()
+            mean = (every[:, :c] * counts).sum(0) / n
+            var = ((every[:, c:2 * c] + (every[:, :c] - mean) ** 2) * counts).sum(0) / n  # exact, as Chan et al.
+            if self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), f)
+                self.running_var.lerp_((var * n / (n - 1).clamp_min(1.0)).to(self.running_var.dtype), f)
+        return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean, var, float(n), self.eps)
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """Every BatchNorm layer of `module` as a `CPUSyncBatchNorm` with the same parameters and buffers."""
+        out = module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            out.load_state_dict(module.state_dict())
+            out.train(module.training)
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert(child))
+        return out
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    """Batch norm with given global statistics; the backward adds the terms through them (SyncBatchNorm's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, n, eps):
+        xf = x.float()
+        y = nn.functional.batch_norm(xf, mean, var, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(xf, weight, mean, torch.rsqrt(var + eps))
+        ctx.n, ctx.dtype = n, x.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        import torch.distributed as dist
+
+        xf, weight, mean, invstd = ctx.saved_tensors
+        shape = [1, -1] + [1] * (xf.dim() - 2)
+        dims = [0, *range(2, xf.dim())]
+        dy = dy.float()
+        xmu = xf - mean.view(shape)
+        sum_dy, sum_dy_xmu = dy.sum(dims), (dy * xmu).sum(dims)
+        grad_weight = sum_dy_xmu * invstd if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = sum_dy if weight is not None and ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            both = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(both)  # every rank's samples moved the statistics this rank normalised with
+            c = mean.numel()
+            mean_dy, mean_dy_xmu = both[:c] / ctx.n, both[c:] / ctx.n
+            scale = invstd if weight is None else invstd * weight
+            dx = (dy - mean_dy.view(shape) - xmu * (invstd * invstd * mean_dy_xmu).view(shape)) * scale.view(shape)
+            dx = dx.to(ctx.dtype)
+        return dx, grad_weight, grad_bias, None, None, None, None
 
 
 class SimCLRModel(nn.Module):

@@ -112,7 +112,8 @@ class ModelConfig:
     proj_hidden_dim: int = _opt(512, "projection head: hidden width")
     proj_output_dim: int = _opt(128, "projection head: output width (the NT-Xent embedding)")
     proj_layers: int = _opt(2, "projection head: linear layers")
-    sync_batchnorm: bool = _opt(False, "BatchNorm statistics over the global batch (across workers)")
+    sync_batchnorm: bool = _opt(False, "BatchNorm statistics over the global batch (across workers): "
+                                "torch's SyncBatchNorm on GPUs, an all-reduce per layer on CPU workers")
 
     def check(self) -> None:
         _positive("model.proj_hidden_dim", self.proj_hidden_dim)

@@ -1,4 +1,5 @@
-"""NT-Xent with gathered negatives on 2 real Ray Train workers equals the one-process loss on the whole batch.
+"""NT-Xent with gathered negatives on 2 real Ray Train workers equals the one-process loss on the whole batch,
+and so does a network with batch norm over the global batch on CPU workers (`model.sync_batchnorm`).
 
 Gradients through a distributed all-gather are a classic source of silent bugs (a missing all-reduce in the
 gather's backward, or a double average), so this checks losses AND gradients against one process:
@@ -35,6 +36,19 @@ def fixed_projection():
     return nn.Linear(IN_DIM, OUT_DIM)  # float32, as in training
 
 
+def fixed_images():
+    gen = torch.Generator().manual_seed(SEED + 2)
+    return (torch.randn(GLOBAL_BATCH, 3, 6, 6, generator=gen) * 2 + 1,
+            torch.randn(GLOBAL_BATCH, 3, 6, 6, generator=gen) * 2 + 1)
+
+
+def bn_network():
+    """conv -> BatchNorm2d -> pool -> linear -> BatchNorm1d, like a backbone and lightly's projection head."""
+    torch.manual_seed(SEED + 3)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, OUT_DIM), nn.BatchNorm1d(OUT_DIM))
+
+
 def worker_loop(config):
     """One Ray Train worker: its half of the batch, gathered loss, DDP backward; results to a file."""
     import ray.train
@@ -65,6 +79,26 @@ def worker_loop(config):
                 "x0_grad": x0.grad, "x1_grad": x1.grad, "w_grad": lin.weight.grad, "b_grad": lin.bias.grad,
                 "world": torch.tensor(world)}, f"{config['out']}/rank{rank}.pt")
 
+    # the same with a conv + batch-norm network, as pretraining converts it for CPU workers; and the plain
+    # per-worker batch norm beside it, which must differ (else the comparison proves nothing)
+    from pretrain.model import CPUSyncBatchNorm, convert_sync_batchnorm
+
+    i0, i1 = (x[rank * b:(rank + 1) * b] for x in fixed_images())
+    results = {}
+    for kind in ("global", "local"):
+        net = bn_network()
+        if kind == "global":
+            net = convert_sync_batchnorm(net, True, "cpu")
+            assert sum(isinstance(m, CPUSyncBatchNorm) for m in net.modules()) == 2
+        net = ray.train.torch.prepare_model(net)
+        z0, z1 = net(torch.cat([i0, i1])).chunk(2)
+        loss = NTXentLoss(temperature=TEMPERATURE, gather_distributed=True)(z0, z1)
+        loss.backward()
+        results[kind] = {"loss": loss.detach(), "z": torch.cat([z0, z1]).detach(),
+                         "grads": {k: p.grad.clone() for k, p in net.module.named_parameters()},
+                         "buffers": {k: v.clone() for k, v in net.module.named_buffers()}}
+    torch.save(results, f"{config['out']}/bn-rank{rank}.pt")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -80,22 +114,29 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.mark.slow
-def test_gathered_ntxent_matches_single_process(tmp_path, ray_cluster):
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory, ray_cluster):
+    """One Ray Train run of `worker_loop` on 2 gloo workers; its directory of per-rank result files."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    out = tmp_path_factory.mktemp("gather")
     # the test module is not importable inside the workers: ship worker_loop by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"out": str(tmp_path)},
+        train_loop_config={"out": str(out)},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=WORLD, use_gpu=False, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name="gather", storage_path=str(tmp_path / "ray")),
+        run_config=RunConfig(name="gather", storage_path=str(out / "ray")),
     )
     trainer.fit()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return out
+
+
+@pytest.mark.slow
+def test_gathered_ntxent_matches_single_process(two_worker_run):
+    ranks = [torch.load(two_worker_run / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert all(int(r["world"]) == WORLD for r in ranks)
 
     # the same computation in one process, no gather
@@ -136,3 +177,51 @@ def test_gathered_ntxent_matches_single_process(tmp_path, ray_cluster):
         rows = slice(rank * b, (rank + 1) * b)
         assert torch.allclose(r["x0_grad"] / WORLD, x0.grad[rows], atol=1e-5, rtol=0)
         assert torch.allclose(r["x1_grad"] / WORLD, x1.grad[rows], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_cpu_sync_batchnorm_on_two_workers_matches_one_process_on_the_whole_batch(two_worker_run):
+    ranks = [torch.load(two_worker_run / f"bn-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    # one process, plain batch norm, the whole batch (each view's samples in rank order)
+    i0, i1 = (x.clone() for x in fixed_images())
+    net = bn_network()
+    z0, z1 = net(torch.cat([i0, i1])).chunk(2)
+    single = NTXentLoss(temperature=TEMPERATURE)(z0, z1)
+    single.backward()
+    b = GLOBAL_BATCH // WORLD
+    grads = {k: p.grad for k, p in net.named_parameters()}
+    buffers = dict(net.named_buffers())
+
+    for rank, r in enumerate(ranks):
+        g = r["global"]
+        # outputs: rank r's rows of each view, normalised with the whole batch's statistics
+        rows = slice(rank * b, (rank + 1) * b)
+        assert torch.allclose(g["z"], torch.cat([z0[rows], z1[rows]]).detach(), atol=1e-5)
+        # per-worker statistics give other outputs: the check above is not vacuous
+        assert not torch.allclose(r["local"]["z"], g["z"], atol=1e-3)
+        # DDP's mean of the ranks' gradients (every parameter, batch-norm weights included) == one process
+        assert set(g["grads"]) == set(grads)
+        for k, grad in grads.items():
+            assert torch.allclose(g["grads"][k], grad, atol=1e-5, rtol=1e-4), k
+        # running statistics: the whole batch's, the same on every rank (unbiased variance, as BatchNorm)
+        for k in ("1.running_mean", "1.running_var", "6.running_mean", "6.running_var", "6.num_batches_tracked"):
+            assert torch.allclose(g["buffers"][k].float(), buffers[k].float(), atol=1e-5), k
+    assert abs(float(torch.stack([r["global"]["loss"] for r in ranks]).mean()) - float(single)) < 1e-5
+    assert max(gr.abs().max() for gr in grads.values()) > 1e-3  # not a comparison of zeros
+
+
+def test_cpu_sync_batchnorm_is_plain_batchnorm_in_one_process_and_in_eval():
+    from pretrain.model import CPUSyncBatchNorm
+
+    torch.manual_seed(0)
+    plain = bn_network()
+    synced = CPUSyncBatchNorm.convert(bn_network())
+    assert sum(isinstance(m, CPUSyncBatchNorm) for m in synced.modules()) == 2
+    assert synced.state_dict().keys() == plain.state_dict().keys()  # the export loads into plain timm models
+    x = torch.randn(8, 3, 6, 6)
+    for mode in (True, False):
+        plain.train(mode)
+        synced.train(mode)
+        assert torch.allclose(plain(x), synced(x), atol=1e-6)
+    plain.load_state_dict(synced.state_dict(), strict=True)
