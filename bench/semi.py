@@ -5,7 +5,9 @@ methods, on the same encoder and the same labeled subsets, collected from fine-t
     python -m bench.semi figures bench/results/semi-photos.json --section semi-photos
 
 `collect` keeps, per run, the `finetune` and `semi` rows (accuracy per seed, mean, std, compute seconds),
-the `semi` rows named by the run's `semi_method` or a `label` given (`RUN_DIR=label`), plus the run's settings that differ.
+the `semi` rows named by the run's `semi_method` or a `label` given (`RUN_DIR=label`), plus the run's settings that differ,
+and, for a `selfsup pipeline` run, its pretraining seconds (`pipeline.json`); the table then shows them with the
+encoder's kNN monitor.
 `figures` writes the table into bench/README.md between `<!-- figures:SECTION -->` markers: never typed.
 """
 
@@ -25,6 +27,15 @@ from runtime.errors import UserError, run_cli
 SETTINGS = ("semi_epochs", "distill_head_epochs", "semi_lr", "distill_rounds", "spread_k", "spread_alpha",
             "fixmatch_threshold", "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from", "spread_prior",
             "spread_features", "distill_student", "jitter_prob", "jitter_strength", "teacher_models", "distill_bn_stats")
+
+
+def _pretrain_s(report_path: Path) -> float | None:
+    """The pretraining stage's seconds of a `selfsup pipeline` run (its pipeline.json), else None."""
+    try:
+        stage_s = json.loads((report_path.parent / "pipeline.json").read_text()).get("stage_s") or {}
+    except (OSError, ValueError):
+        return None
+    return stage_s.get("pretrain")
 
 
 def _report(run: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -69,6 +80,7 @@ def collect(runs: list[str], seeds: int | None = None) -> dict[str, Any]:
     for spec in runs:
         run, _, label = spec.partition("=")
         report, cfg = _report(run)
+        pretrain_s = _pretrain_s(Path(run) / "report.json" if Path(run).is_dir() else Path(run))
         dataset = dataset or report.get("dataset")
         # distill's check on the train images outside each labeled subset (no test image), where the run has it
         heldout = {h["label_fraction"]: h for h in report.get("semi_heldout") or []}
@@ -78,7 +90,7 @@ def collect(runs: list[str], seeds: int | None = None) -> dict[str, Any]:
             method = r["method"] if r["method"] == "finetune" else report.get("semi_method") or "semi"
             rows.append({"method": method, "label": (label or method) if r["method"] == "semi" else method, "run": run,
                          **_first(r, heldout.get(r["label_fraction"]), r["method"], seeds),
-                         "encoder_knn_acc": report.get("encoder_knn_acc"),
+                         "encoder_knn_acc": report.get("encoder_knn_acc"), "pretrain_s": pretrain_s,
                          "settings": {k: cfg[k] for k in SETTINGS if k in cfg}})
     return {"dataset": dataset, "rows": rows}
 
@@ -87,7 +99,8 @@ def table(results: dict[str, Any]) -> str:
     """One row per (label, run): accuracy (%) mean ± std (seeds), the accuracy on the train images outside the
     labeled subsets where the run measured it (`held-out`: no test image, what a default can be chosen by) and
     compute seconds per fraction; `finetune` rows once per encoder run (the same fine-tuning in every run on one
-    encoder); a label with rows from more than one run is followed by each row's run directory name."""
+    encoder); a label with rows from more than one run is followed by each row's run directory name; where any
+    row's run was a whole pipeline, its pretraining seconds and the encoder's kNN monitor follow."""
     fractions = sorted({r["label_fraction"] for r in results["rows"]})
     keyed: dict[tuple[str, str], dict[float, dict]] = {}
     seen_finetune: set[tuple[float, tuple]] = set()
@@ -101,8 +114,10 @@ def table(results: dict[str, Any]) -> str:
         if r["label_fraction"] in keyed.get(key, {}):
             key = (r["label"], r["run"])
         keyed.setdefault(key, {})[r["label_fraction"]] = r
+    pretrain = any(r.get("pretrain_s") is not None for r in results["rows"])
     head = "| method | " + " | ".join(f"{f * 100:g} %: accuracy | held-out | compute (s)" for f in fractions) + " |"
-    lines = [head, "|---" * (3 * len(fractions) + 1) + "|"]
+    head += " pretrain (s) | kNN (test, monitor) |" if pretrain else ""
+    lines = [head, "|---" * (3 * len(fractions) + 1 + 2 * pretrain) + "|"]
     repeated = {label for label, run in keyed if run}
     for (label, _), by_f in keyed.items():
         # a label in rows of more than one run (finetune on two encoders) names each row's run
@@ -115,6 +130,10 @@ def table(results: dict[str, Any]) -> str:
                        + f" (n={r['seeds']})",
                        "" if r.get("heldout") is None else f"{r['heldout'] * 100:.1f}",
                        f"{r['compute_s']:.0f}"])
+        if pretrain:
+            any_row = next(iter(by_f.values()))
+            s, knn = any_row.get("pretrain_s"), any_row.get("encoder_knn_acc")
+            cells += ["" if s is None else f"{s:.0f}", "" if knn is None else f"{knn:.3f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

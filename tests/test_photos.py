@@ -146,3 +146,13 @@ def test_bench_semi_collects_and_writes_the_table(tmp_path):
     assert first["distill"]["accuracies"] == [0.7] and first["distill"]["seeds"] == 1
     assert first["distill"]["heldout"] == pytest.approx(0.7) and first["distill"]["compute_s"] == 6.0
     assert first["fm"]["heldout"] is None
+    # a whole pipeline's run: its pretraining seconds (pipeline.json) and the encoder's kNN join the table
+    (tmp_path / "a" / "pipeline.json").write_text(json.dumps({"stage_s": {"shard": 1.0, "pretrain": 123.4}}))
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    (tmp_path / "a" / "report.json").write_text(json.dumps({**rep, "encoder_knn_acc": 0.9512}))
+    assert semi.main(["collect", *runs, "--out", str(out)]) == 0
+    assert semi.main(["figures", str(out), "--section", "semi-photos", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| pretrain (s) | kNN (test, monitor) |" in text
+    assert "| `distill` | 75.0 ± 7.1 (n=2) | 72.0 | 12 | 123 | 0.951 |" in text
+    assert "| `fm` | 45.0 ± 7.1 (n=2) |  | 12 |  |  |" in text
