@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 VARIANTS = ("alone", "ray_defaults", "init_ray", "init_ray_nice19")
-ROUNDS = 3  # each round runs every variant once, `repeats` timed steps each
 
 
 def _cluster_counters() -> dict[str, float]:
@@ -78,7 +77,7 @@ def _first_task_s() -> float:
 
 
 def bench_daemons(b: Any, tmp: str, run_steps: Callable[..., dict], log: Callable[[str], None]) -> dict:
-    """ROUNDS rounds of the variants, each round: start the cluster, let it settle, run the steps in-process
+    """`b.daemon_rounds` rounds of the variants (`--daemon-rounds`), each round: start the cluster, let it settle, run the steps in-process
     (`b.repeats` timed steps) while counting the cluster's processes, stop it. Figures are medians over the
     rounds."""
     import ray
@@ -92,9 +91,10 @@ def bench_daemons(b: Any, tmp: str, run_steps: Callable[..., dict], log: Callabl
     if ray.is_initialized():  # a cluster of an earlier section: every variant starts from none
         ray.shutdown()
     rows: dict[str, dict[str, list[float]]] = {v: {} for v in VARIANTS}
-    for r in range(ROUNDS):
+    rounds = b.daemon_rounds
+    for r in range(rounds):
         for variant in VARIANTS:
-            log(f"daemons: round {r + 1}/{ROUNDS}, {variant} ...")
+            log(f"daemons: round {r + 1}/{rounds}, {variant} ...")
             if variant != "alone":
                 init_ray(cfg, system_config={"worker_niceness": 0} if variant == "ray_defaults" else None)
             if variant == "init_ray_nice19":
@@ -116,7 +116,7 @@ def bench_daemons(b: Any, tmp: str, run_steps: Callable[..., dict], log: Callabl
                    "cluster_processes": c1["processes"]}
             for k, v in got.items():
                 rows[variant].setdefault(k, []).append(float(v))
-    out: dict[str, Any] = {"rounds": ROUNDS, "steps": b.repeats, "runs": rows}
+    out: dict[str, Any] = {"rounds": rounds, "steps": b.repeats, "runs": rows}
     for variant in VARIANTS:
         for k, runs in rows[variant].items():
             out[f"{variant}_{k}"] = statistics.median(runs)

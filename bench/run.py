@@ -105,6 +105,7 @@ class Bench:
     decode_images: int = 1000
     e2e_epochs: int = 5  # reference_e2e: epochs each side trains
     e2e_seeds: int = 1  # reference_e2e: seeds each side is trained with
+    daemon_rounds: int = 3  # daemons: rounds of every variant (medians over them)
     warmup: int = 1
     splits: tuple[str, ...] = ("train", "unlabeled")
 
