@@ -18,6 +18,9 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the labeled subsets (default 0)")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="folder DIR/<class>/*: share of each class held out as test (default 0.2)")
+    p.add_argument("--photos-unlabeled", type=int, default=None,
+                   help="photos, photos-val: unlabeled crops per class (default 60; more come from the same "
+                        "train cells, drawn after the benchmark's own, which stay the same)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes writing shards in parallel (default: min(4, cores))")
 
@@ -27,7 +30,8 @@ def shard_main(args: argparse.Namespace) -> int:
 
     m = write_shards(args.source, args.out, input_dir=args.input, shard_size=args.shard_size,
                      image_size=args.image_size, labeled_fractions=args.labeled_fractions, seed=args.seed,
-                     test_fraction=args.test_fraction, workers=args.workers)
+                     test_fraction=args.test_fraction, workers=args.workers,
+                     photos_unlabeled=args.photos_unlabeled)
     splits = ", ".join(f"{s['count']} {name}" for name, s in m["splits"].items() if s["count"])
     shards = sum(len(s["shards"]) for s in m["splits"].values())
     print(f"{m['source']}: {splits} images in {shards} shards at {args.out} "

@@ -16,7 +16,9 @@ is the test area, the rest the train area. Crops are squares of a random side be
 cell's shorter side, at random positions wholly inside one cell, resized to `CROP` px: test crops come from
 the test cells only and train and unlabeled crops from the train cells only, so no test crop shares a pixel
 with any image the encoder or a classifier trains on (otherwise the test would measure memorisation).
-`COUNTS` crops per class and split, all from one fixed seed: the same bytes on every machine.
+`COUNTS` crops per class and split, all from one fixed seed: the same bytes on every machine. More unlabeled
+crops (`selfsup shard photos --photos-unlabeled N`, N per class) come from a second fixed generator after them, so
+the train, test and first 60 unlabeled crops stay the same bytes.
 
 `selfsup shard photos-val` is the benchmark's validation variant, for choosing settings without the test split:
 the test cells are left out entirely, a seeded quarter of each class's train cells (at least one) becomes the
@@ -118,10 +120,12 @@ def crops(image: np.ndarray, boxes: list[tuple[int, int, int]]) -> np.ndarray:
     return out
 
 
-def layout(photos: dict[str, np.ndarray], validation: bool = False) -> dict[str, dict[str, list]]:
+def layout(photos: dict[str, np.ndarray], validation: bool = False,
+           unlabeled: int = COUNTS["unlabeled"]) -> dict[str, dict[str, list]]:
     """class -> {"cells": {"train", "test"}, "boxes": {split: [(y, x, side), ...]}}: where every crop comes
     from, all drawn from one generator seeded with SEED (the same on every machine). `validation`: the
-    `photos-val` layout, whose "test" cells are a seeded share of the real train cells (`validation_cells`)."""
+    `photos-val` layout, whose "test" cells are a seeded share of the real train cells (`validation_cells`).
+    `unlabeled` crops per class: past COUNTS' they are drawn from the train cells by a second generator."""
     rng = np.random.default_rng(SEED)
     out = {}
     for name in CLASSES:
@@ -134,6 +138,11 @@ def layout(photos: dict[str, np.ndarray], validation: bool = False) -> dict[str,
             area = validation_cells(out[name]["cells"]["train"], rng)
             out[name] = {"cells": area, "boxes": {
                 split: crop_boxes(area["test" if split == "test" else "train"], n, rng) for split, n in COUNTS.items()}}
+    extra = unlabeled - COUNTS["unlabeled"]
+    if extra > 0:
+        rng = np.random.default_rng(SEED + 2)
+        for name in CLASSES:
+            out[name]["boxes"]["unlabeled"] += crop_boxes(out[name]["cells"]["train"], extra, rng)
     return out
 
 
@@ -147,18 +156,23 @@ def validation_cells(train: list[tuple[int, int, int, int]], rng: np.random.Gene
     return {"test": [train[i] for i in sorted(order[:n_val])], "train": [train[i] for i in sorted(order[n_val:])]}
 
 
-def photos_source(validation: bool = False):
+def photos_source(validation: bool = False, unlabeled: int | None = None):
     """The Source: train / test / unlabeled crops, each split listed class by class (the writer shuffles).
-    `validation`: the `photos-val` variant (module docstring)."""
+    `validation`: the `photos-val` variant (module docstring); `unlabeled`: crops per class (default 60)."""
     from shards.sources import Source, Split
 
+    unlabeled = COUNTS["unlabeled"] if unlabeled is None else unlabeled
+    if unlabeled < COUNTS["unlabeled"]:
+        raise UserError(f"--photos-unlabeled must be at least {COUNTS['unlabeled']} (the benchmark's own unlabeled "
+                        f"crops per class), got {unlabeled}")
     photos = photographs()
-    where = layout(photos, validation)
+    where = layout(photos, validation, unlabeled)
     images: dict[str, list[np.ndarray]] = {s: [] for s in COUNTS}
     labels: dict[str, list[np.ndarray]] = {s: [] for s in COUNTS}
     for label, name in enumerate(CLASSES):
-        for split, n in COUNTS.items():
-            images[split].append(crops(photos[name], where[name]["boxes"][split]))
-            labels[split].append(np.full(n, label if split != "unlabeled" else -1, dtype=np.int64))
+        for split in COUNTS:
+            boxes = where[name]["boxes"][split]
+            images[split].append(crops(photos[name], boxes))
+            labels[split].append(np.full(len(boxes), label if split != "unlabeled" else -1, dtype=np.int64))
     splits = {s: Split(np.concatenate(labels[s]), np.concatenate(images[s])) for s in COUNTS}
     return Source("photos-val" if validation else "photos", list(CLASSES), 3, splits, default_image_size=CROP)

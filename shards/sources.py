@@ -80,8 +80,10 @@ class Source:
         return {name: len(s) for name, s in self.splits.items()}
 
 
-def open_source(name: str, input_dir: str | os.PathLike | None, test_fraction: float = 0.2) -> Source:
-    """The reader for `name`; every problem with the input is a one-line `UserError`."""
+def open_source(name: str, input_dir: str | os.PathLike | None, test_fraction: float = 0.2,
+                photos_unlabeled: int | None = None) -> Source:
+    """The reader for `name`; every problem with the input is a one-line `UserError`. `photos_unlabeled`:
+    unlabeled crops per class of `photos` / `photos-val` (None: the benchmark's 60)."""
     if name not in SOURCES:
         raise UserError(f"unknown source {name!r}: choose one of {', '.join(SOURCES)}")
     if name == "digits":
@@ -89,7 +91,7 @@ def open_source(name: str, input_dir: str | os.PathLike | None, test_fraction: f
     if name in ("photos", "photos-val"):
         from shards.photos import photos_source
 
-        return photos_source(validation=name == "photos-val")
+        return photos_source(validation=name == "photos-val", unlabeled=photos_unlabeled)
     if input_dir is None:
         raise UserError(f"source {name} needs --input DIR (the directory holding the raw {name} files)")
     root = Path(input_dir).expanduser()

@@ -59,6 +59,7 @@ def write_shards(
     test_fraction: float = 0.2,
     workers: int = 2,
     progress: bool | None = None,
+    photos_unlabeled: int | None = None,
 ) -> dict[str, Any]:
     """Shard `source` into `out_dir` and return the manifest. A finished `out_dir` is returned as it is.
 
@@ -76,12 +77,14 @@ def write_shards(
         raise UserError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    if photos_unlabeled is not None and source not in ("photos", "photos-val"):
+        raise UserError(f"--photos-unlabeled is for the photos and photos-val sources, not {source}: drop it")
     out = _check_out_dir(out_dir)
     done = _finished(out, source)
     if done is not None:
         return done
 
-    src = open_source(source, input_dir, test_fraction)  # bad input fails here, before DIR is created
+    src = open_source(source, input_dir, test_fraction, photos_unlabeled)  # bad input fails here, before DIR exists
     _check_splits(src, fractions)
     size = image_size if image_size is not None else src.default_image_size
     _make_out_dir(out)

@@ -69,6 +69,38 @@ def test_photos_val_validates_on_unseen_train_cells_and_never_touches_the_test_c
     assert not np.array_equal(src.splits["test"].images, photos.photos_source().splits["test"].images)
 
 
+def test_more_unlabeled_crops_keep_every_other_crop_and_never_touch_a_test_cell(tmp_path, capsys):
+    """--photos-unlabeled N: N unlabeled crops per class, the benchmark's own 60 first and unchanged, the
+    train and test crops unchanged, the extra ones from train cells only (of the validation layout too)."""
+    base, more = photos.photos_source(), photos.photos_source(unlabeled=75)
+    assert more.counts == {"train": 1000, "test": 400, "unlabeled": 750}
+    for split in ("train", "test"):
+        assert np.array_equal(more.splits[split].images, base.splits[split].images)
+    ours = more.splits["unlabeled"].images.reshape(10, 75, *base.splits["unlabeled"].images.shape[1:])
+    assert np.array_equal(ours[:, :60], base.splits["unlabeled"].images.reshape(ours[:, :60].shape))
+    pics = photos.photographs()
+    for validation in (False, True):
+        real, where = photos.layout(pics), photos.layout(pics, validation, unlabeled=75)
+        for name, w in where.items():
+            boxes = w["boxes"]["unlabeled"]
+            assert len(boxes) == 75 and len(set(boxes[60:])) > 1
+            train_cells = w["cells"]["train"]
+            for y, x, side in boxes[60:]:
+                assert any(y0 <= y and y + side <= y1 and x0 <= x and x + side <= x1 for y0, y1, x0, x1 in train_cells)
+            test_px = np.zeros(pics[name].shape[:2], bool)
+            for y0, y1, x0, x1 in real[name]["cells"]["test"] + (w["cells"]["test"] if validation else []):
+                test_px[y0:y1, x0:x1] = True
+            assert not any(test_px[y:y + side, x:x + side].any() for y, x, side in boxes)
+    # through the command, and refused in one line where it means nothing
+    out = tmp_path / "shards"
+    assert main(["shard", "photos", "--out", str(out), "--image-size", "16", "--photos-unlabeled", "70"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["splits"]["unlabeled"]["count"] == 700
+    for source, n in (("photos", "10"), ("digits", "100")):
+        assert main(["shard", source, "--out", str(tmp_path / f"bad-{source}"), "--photos-unlabeled", n]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--photos-unlabeled" in err and "\n" not in err and not (tmp_path / f"bad-{source}").exists()
+
+
 def test_shard_photos_cli_needs_no_input(tmp_path, capsys):
     out = tmp_path / "shards"
     assert main(["shard", "photos", "--out", str(out), "--image-size", "16"]) == 0
