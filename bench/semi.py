@@ -6,8 +6,8 @@ methods, on the same encoder and the same labeled subsets, collected from fine-t
 
 `collect` keeps, per run, the `finetune` and `semi` rows (accuracy per seed, mean, std, compute seconds),
 the `semi` rows named by the run's `semi_method` or a `label` given (`RUN_DIR=label`), plus the run's settings that differ,
-and, for a `selfsup pipeline` run, its pretraining seconds (`pipeline.json`); the table then shows them with the
-encoder's kNN monitor.
+and the pretraining seconds of the run's encoder (its epochs' `epoch_s` in the encoder's metrics.jsonl, where that
+is readable); the table then shows them with the encoder's kNN monitor.
 `figures` writes the table into bench/README.md between `<!-- figures:SECTION -->` markers: never typed.
 """
 
@@ -29,13 +29,15 @@ SETTINGS = ("semi_epochs", "distill_head_epochs", "semi_lr", "distill_rounds", "
             "spread_features", "distill_student", "jitter_prob", "jitter_strength", "teacher_models", "distill_bn_stats")
 
 
-def _pretrain_s(report_path: Path) -> float | None:
-    """The pretraining stage's seconds of a `selfsup pipeline` run (its pipeline.json), else None."""
-    try:
-        stage_s = json.loads((report_path.parent / "pipeline.json").read_text()).get("stage_s") or {}
-    except (OSError, ValueError):
+def _pretrain_s(encoder: str | None) -> float | None:
+    """Seconds the encoder's pretraining epochs took (the sum of `epoch_s` in its metrics.jsonl), else None."""
+    if not encoder:
         return None
-    return stage_s.get("pretrain")
+    try:
+        rows = [json.loads(line) for line in (Path(encoder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return round(sum(float(r["epoch_s"]) for r in rows), 1) if rows else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _report(run: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -80,7 +82,7 @@ def collect(runs: list[str], seeds: int | None = None) -> dict[str, Any]:
     for spec in runs:
         run, _, label = spec.partition("=")
         report, cfg = _report(run)
-        pretrain_s = _pretrain_s(Path(run) / "report.json" if Path(run).is_dir() else Path(run))
+        pretrain_s = _pretrain_s(report.get("encoder"))
         dataset = dataset or report.get("dataset")
         # distill's check on the train images outside each labeled subset (no test image), where the run has it
         heldout = {h["label_fraction"]: h for h in report.get("semi_heldout") or []}
@@ -100,7 +102,7 @@ def table(results: dict[str, Any]) -> str:
     labeled subsets where the run measured it (`held-out`: no test image, what a default can be chosen by) and
     compute seconds per fraction; `finetune` rows once per encoder run (the same fine-tuning in every run on one
     encoder); a label with rows from more than one run is followed by each row's run directory name; where any
-    row's run was a whole pipeline, its pretraining seconds and the encoder's kNN monitor follow."""
+    row's encoder has its metrics.jsonl, its pretraining seconds and the encoder's kNN monitor follow."""
     fractions = sorted({r["label_fraction"] for r in results["rows"]})
     keyed: dict[tuple[str, str], dict[float, dict]] = {}
     seen_finetune: set[tuple[float, tuple]] = set()

@@ -178,10 +178,13 @@ def test_bench_semi_collects_and_writes_the_table(tmp_path):
     assert first["distill"]["accuracies"] == [0.7] and first["distill"]["seeds"] == 1
     assert first["distill"]["heldout"] == pytest.approx(0.7) and first["distill"]["compute_s"] == 6.0
     assert first["fm"]["heldout"] is None
-    # a whole pipeline's run: its pretraining seconds (pipeline.json) and the encoder's kNN join the table
-    (tmp_path / "a" / "pipeline.json").write_text(json.dumps({"stage_s": {"shard": 1.0, "pretrain": 123.4}}))
+    # a run whose encoder kept its metrics.jsonl: the epochs' seconds and the encoder's kNN join the table
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "epoch_s": 100.0}) + "\n"
+                                                    + json.dumps({"epoch": 2, "epoch_s": 23.4}) + "\n")
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
-    (tmp_path / "a" / "report.json").write_text(json.dumps({**rep, "encoder_knn_acc": 0.9512}))
+    (tmp_path / "a" / "report.json").write_text(json.dumps({**rep, "encoder_knn_acc": 0.9512,
+                                                            "encoder": str(tmp_path / "enc")}))
     assert semi.main(["collect", *runs, "--out", str(out)]) == 0
     assert semi.main(["figures", str(out), "--section", "semi-photos", "--readme", str(readme)]) == 0
     text = readme.read_text()
