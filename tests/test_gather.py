@@ -207,7 +207,7 @@ def test_cpu_sync_batchnorm_on_two_workers_matches_one_process_on_the_whole_batc
         # running statistics: the whole batch's, the same on every rank (unbiased variance, as BatchNorm)
         for k in ("1.running_mean", "1.running_var", "6.running_mean", "6.running_var", "6.num_batches_tracked"):
             assert torch.allclose(g["buffers"][k].float(), buffers[k].float(), atol=1e-5), k
-    assert abs(float(torch.stack([r["global"]["loss"] for r in ranks]).mean()) - float(single)) < 1e-5
+    assert abs(float(torch.stack([r["global"]["loss"] for r in ranks]).mean()) - float(single.detach())) < 1e-5
     assert max(gr.abs().max() for gr in grads.values()) > 1e-3  # not a comparison of zeros
 
 
