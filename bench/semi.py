@@ -30,13 +30,12 @@ SETTINGS = ("semi_epochs", "distill_head_epochs", "semi_lr", "distill_rounds", "
 
 
 def _pretrain_s(encoder: str | None) -> float | None:
-    """Seconds the encoder's pretraining epochs took (the sum of `epoch_s` in its metrics.jsonl), else None."""
-    if not encoder:
-        return None
+    """`bench.teacher.pretrain_seconds` of the run's encoder; None where it has no readable metrics.jsonl."""
+    from bench.teacher import pretrain_seconds
+
     try:
-        rows = [json.loads(line) for line in (Path(encoder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return round(sum(float(r["epoch_s"]) for r in rows), 1) if rows else None
-    except (OSError, ValueError, KeyError, TypeError):
+        return pretrain_seconds(encoder) if encoder else None
+    except (OSError, ValueError):
         return None
 
 

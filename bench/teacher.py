@@ -77,12 +77,19 @@ def run_figures(run: str, seeds: int, spread_k: int | None = None, spread_alpha:
             n_labels, n_images = len(subset), len(held)
         out.append({"label_fraction": f, "labels": n_labels, "images": n_images, "accuracies": accs,
                     "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0})
-    m_path = d / "metrics.jsonl"
-    metrics = [json.loads(line) for line in m_path.read_text().splitlines() if line.strip()] if m_path.is_file() else []
     settings = {**{name: _setting(cfg, name) for name in SETTINGS}, "finetune.spread_k": k, "finetune.spread_alpha": alpha,
                 "finetune.spread_prior": prior}
     return {"run": run, "settings": settings, "knn_acc": meta.get("knn_acc"),
-            "pretrain_s": round(sum(m.get("epoch_s", 0.0) for m in metrics), 1) if metrics else None, "fractions": out}
+            "pretrain_s": pretrain_seconds(d), "fractions": out}
+
+
+def pretrain_seconds(encoder_dir: str | Path) -> float | None:
+    """Seconds an encoder's pretraining epochs took: the sum of `epoch_s` in its metrics.jsonl (None without one)."""
+    path = Path(encoder_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return round(sum(m.get("epoch_s", 0.0) for m in metrics), 1) if metrics else None
 
 
 def table(results: dict[str, Any]) -> str:

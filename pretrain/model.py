@@ -15,6 +15,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.distributed as dist
 from lightly.models.modules import SimCLRProjectionHead
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -92,8 +93,6 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         c = x.shape[1]
@@ -143,8 +142,6 @@ class _GlobalBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        import torch.distributed as dist
-
         xf, weight, mean, invstd = ctx.saved_tensors
         shape = [1, -1] + [1] * (xf.dim() - 2)
         dims = [0, *range(2, xf.dim())]

@@ -22,6 +22,7 @@ import numpy as np
 from runtime.errors import UserError
 
 SOURCES = ("digits", "cifar10", "cifar100", "stl10", "folder", "photos", "photos-val")
+PHOTO_SOURCES = ("photos", "photos-val")  # made from package wheels (shards/photos.py)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # The split of sources that have no test set is fixed, independent of `--seed`, so every labeled-subset
 # seed is scored on the same test images.
@@ -88,7 +89,7 @@ def open_source(name: str, input_dir: str | os.PathLike | None, test_fraction: f
         raise UserError(f"unknown source {name!r}: choose one of {', '.join(SOURCES)}")
     if name == "digits":
         return digits_source()
-    if name in ("photos", "photos-val"):
+    if name in PHOTO_SOURCES:
         from shards.photos import photos_source
 
         return photos_source(validation=name == "photos-val", unlabeled=photos_unlabeled)

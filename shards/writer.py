@@ -30,7 +30,7 @@ from runtime.config import MIN_IMAGE_SIZE, atomic_write_text
 from runtime.errors import UserError, disk_full_message, is_disk_full
 from runtime.runlock import hold, lock_scope
 from shards.manifest import MANIFEST, draw_labeled_subset, parse_fractions, read_manifest
-from shards.sources import SOURCES, Source, Split, decode_image, open_source
+from shards.sources import PHOTO_SOURCES, SOURCES, Source, Split, decode_image, open_source
 
 MARKER = ".shard-incomplete"  # present while a run writes; a crash leaves it behind
 MIN_SIDE = MIN_IMAGE_SIZE  # images with a shorter side below this are refused (nothing to crop from)
@@ -77,8 +77,8 @@ def write_shards(
         raise UserError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    if photos_unlabeled is not None and source not in ("photos", "photos-val"):
-        raise UserError(f"--photos-unlabeled is for the photos and photos-val sources, not {source}: drop it")
+    if photos_unlabeled is not None and source not in PHOTO_SOURCES:  # refused before a finished dir is returned
+        raise UserError(f"--photos-unlabeled is for the {' and '.join(PHOTO_SOURCES)} sources, not {source}: drop it")
     out = _check_out_dir(out_dir)
     done = _finished(out, source)
     if done is not None:
