@@ -144,7 +144,8 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
     `teachers`: fine-tuned models whose mean prediction the first round blends with instead of the model's own:
     the fine-tuned model when `model` is a fresh student (`finetune.distill_student=scratch`), and the ensemble
     of `finetune.teacher_models` (the first is the subset's fine-tuned model: `pool_before` is its; with more
-    than one, `pool_ensemble` is their mean's predicted class).
+    than one, `pool_ensemble` is their mean's predicted class). The first member may be `model` itself (a
+    student that starts as the fine-tuned model): its pool features are then computed once, for both roles.
     `bn_stats="pool"`: once the first round's teacher is made, the student's backbone takes its batch-norm
     statistics from the whole pool (`pool_bn_stats`) instead of keeping those fine-tuning left, estimated on the
     labeled subset's augmented images alone (`finetune.distill_bn_stats`)."""
@@ -154,7 +155,12 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
         net = unwrap(model)
         feats = None  # the student's backbone features of the pool, once its statistics are final for the round
         if r == 0 and teachers:
-            probs = [head_probs(t, predict_features(t, pool, mean, std, device=device), device) for t in teachers]
+            probs = []
+            for t in teachers:
+                f = predict_features(t, pool, mean, std, device=device)
+                if t is net:  # the student itself, untrained yet (an ensemble's first member): one pass serves both
+                    feats = f
+                probs.append(head_probs(t, f, device))
             own, before = np.mean(probs, axis=0), probs[0].argmax(1)
             if len(probs) > 1:
                 extra["pool_ensemble"] = own.argmax(1)

@@ -118,7 +118,8 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                     soft = propagate(teacher_features(ft.spread_features, pool, unwrap(tuned), mean, std, device),
                                      labeled, pool_y, int(arch["num_classes"]),
                                      k=ft.spread_k, alpha=ft.spread_alpha, prior=ft.spread_prior)
-                    teachers = [unwrap(tuned)] if fresh or ft.teacher_models > 1 else []
+                    # an ensemble's first member is the fine-tuned model, which the student still equals here
+                    teachers = [unwrap(tuned)] if fresh else [unwrap(model)] if ft.teacher_models > 1 else []
                     for i in range(1, ft.teacher_models):  # the ensemble teacher's other members
                         torch.manual_seed(ensemble_seed(seed, i))
                         teachers.append(unwrap(fit(clf.build_classifier(arch, copy.deepcopy(backbone),

@@ -353,6 +353,20 @@ def test_an_ensemble_teacher_blends_the_mean_of_its_members_predictions(data):
     assert stats["model_weight"] == pytest.approx(blend(soft, mean_probs)[1], abs=1e-6)
     assert all(torch.equal(st[k], v) for m, st in zip(members, states) for k, v in m.state_dict().items())
 
+    # as finetune/supervised.py runs it: the first member is the student itself (the fine-tuned model, untrained
+    # yet); the same teacher and student, and the student's backbone reads the pool once, not once per role
+    student2 = copy.deepcopy(members[0])
+    passes = []
+    student2.backbone.register_forward_hook(lambda m, i, o: passes.append(len(i[0])))
+    stats2 = distill(student2, images, soft, labeled, labels[labeled], augment, rounds=1, epochs=0, head_epochs=5,
+                     batch_size=64, lr=0.05, weight_decay=5e-4, seed=0, mean=mean, std=std,
+                     teachers=[student2, members[1]])
+    assert sum(passes) == len(images)  # one eval pass over the pool (batches of 512), for teacher and student
+    for k in ("pool_before", "pool_ensemble", "pool_after"):
+        assert np.array_equal(stats2[k], stats[k])
+    assert stats2["model_weight"] == stats["model_weight"]
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in student2.state_dict().items())
+
 
 def test_the_teacher_trusts_the_model_only_as_far_as_it_agrees_with_label_spreading():
     from finetune.semi import blend
@@ -458,13 +472,13 @@ def test_report_rows_are_complete_and_accuracies_are_fractions(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("semi_method,student,teachers,bn", [("distill", "finetuned", 1, "pool"),
+@pytest.mark.parametrize("semi_method,student,teachers,bn", [("distill", "finetuned", 2, "pool"),
                                                              ("fixmatch", "finetuned", 1, "labeled"),
                                                              ("distill", "scratch", 2, "labeled")])
 def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method, student, teachers, bn):
     """finetune.parallel=train: scratch, finetune and semi on 2 Ray Train workers (gloo DDP), one report;
     distill's student either the fine-tuned model (its batch-norm statistics re-estimated on the pool on every
-    rank) or a fresh network, taught by an ensemble of two."""
+    rank), itself the first of an ensemble of two, or a fresh network taught by an ensemble of two."""
     out = tmp_path / "ddp"
     rc = selfsup(["finetune", f"output_dir={out}", f"encoder={data['encoder']}", f"data.shards={data['shards']}",
                   "finetune.parallel=train", "finetune.methods=[scratch,finetune,semi]", "finetune.fractions=[0.1]",
