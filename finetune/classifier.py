@@ -18,7 +18,7 @@ from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
 
 from pretrain.augment import BatchAugment, normalize, resolve_augment
-from pretrain.model import build_backbone
+from pretrain.model import build_backbone, unwrap
 from pretrain.optim import lr_at, param_groups, set_lr
 from runtime.config import AugmentConfig
 
@@ -103,8 +103,19 @@ def make_augment(augment_cfg: AugmentConfig, image_size: int, mean, std, device)
 # ------------------------------------------------------------------ training and evaluation
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                   backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """SGD with nesterov momentum; no weight decay on norms and biases; with `backbone_lr_scale` != 1 the
+    backbone's groups learn at that fraction of `lr` (`set_lr` applies each group's `lr_scale`)."""
+    groups = param_groups(model, weight_decay)
+    if backbone_lr_scale != 1.0:
+        backbone = {id(p) for p in unwrap(model).backbone.parameters()}
+        groups = [{**g, "params": ps, "name": f"{g['name']}_{part}", "lr_scale": scale}
+                  for g in groups
+                  for part, scale, ps in (("backbone", backbone_lr_scale, [p for p in g["params"] if id(p) in backbone]),
+                                          ("head", 1.0, [p for p in g["params"] if id(p) not in backbone]))
+                  if ps]
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
 
 
 def rank_share(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -120,7 +131,8 @@ def rank_share(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
 def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment, *, epochs: int,
                      batch_size: int, lr: float, weight_decay: float, seed: int, rank: int = 0,
-                     world_size: int = 1, device: str | torch.device = "cpu") -> dict[str, float]:
+                     world_size: int = 1, device: str | torch.device = "cpu",
+                     backbone_lr_scale: float = 1.0) -> dict[str, float]:
     """Cross-entropy on augmented labeled images for a fixed budget: `epochs` passes over the subset
     (at least one step per epoch), cosine lr with a short warmup. Nothing here looks at the test split.
     Every rank draws the same batch (same seed) and trains on its equal share of it (`rank_share`)."""
@@ -129,7 +141,7 @@ def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     steps = max(epochs, math.ceil(epochs * n / bs))
     warmup = max(1, steps // 10)
     g = torch.Generator().manual_seed(seed)
-    opt = make_optimizer(model, lr, weight_decay)
+    opt = make_optimizer(model, lr, weight_decay, backbone_lr_scale)
     model.to(device).train()
     order, pos, loss = torch.randperm(n, generator=g), 0, torch.tensor(0.0)
     for step in range(steps):
@@ -161,7 +173,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mean, std, batch_size
 
 
 def train_supervised_stream(model: nn.Module, loader, augment, *, epochs: int, labeled: int, batch_size: int,
-                            lr: float, weight_decay: float, device: str | torch.device = "cpu") -> dict[str, float]:
+                            lr: float, weight_decay: float, device: str | torch.device = "cpu",
+                            backbone_lr_scale: float = 1.0) -> dict[str, float]:
     """`train_supervised` for a labeled subset too large to hold: the same budget (steps for `epochs` passes
     over `labeled` images in batches of `batch_size`, cosine lr with a short warmup), reading batches from
     `loader` (a `shards.reader.ShardLoader` over the subset's keys with this rank's share of the batch,
@@ -169,7 +182,7 @@ def train_supervised_stream(model: nn.Module, loader, augment, *, epochs: int, l
     bs = min(batch_size, labeled)
     steps = max(epochs, math.ceil(epochs * labeled / bs))
     warmup = max(1, steps // 10)
-    opt = make_optimizer(model, lr, weight_decay)
+    opt = make_optimizer(model, lr, weight_decay, backbone_lr_scale)
     model.to(device).train()
     step, epoch, loss = 0, 0, torch.tensor(0.0)
     while step < steps:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from finetune import classifier as clf
-from finetune.data import labeled_images, pool_images, sample_of, stream_predict
+from finetune.data import encode_keys, labeled_images, pool_images, sample_of, stream_predict
 from finetune.linear import encode
-from finetune.semi import distill, fixmatch, predict_features, propagate
+from finetune.semi import distill, fit_head, fixmatch, predict_features, propagate
 from pretrain.model import unwrap
 from runtime.launch import session
 from shards.manifest import read_manifest
@@ -68,19 +68,37 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     budget = {"batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay, "rank": rank,
               "world_size": world, "device": device}
 
-    def fit(model: torch.nn.Module, xl, yl, seed: int, fraction: float, keys: list[str]) -> torch.nn.Module:
+    def fit(model: torch.nn.Module, xl, yl, seed: int, fraction: float, keys: list[str],
+            pretrained: bool = True) -> torch.nn.Module:
+        """Train `model` on the labeled subset (in memory, or streamed from the shards); `pretrained`: it starts
+        from the encoder, so finetune.probe_epochs and finetune.backbone_lr_scale apply."""
         model = _distribute(model.to(device), sess)
         epochs = ft.full_epochs if fraction >= 1 else ft.epochs
+        scale = ft.backbone_lr_scale if pretrained else 1.0
+        if pretrained and ft.probe_epochs > 0:
+            probe(unwrap(model), xl, yl, keys, seed)
         if xl is not None:
-            clf.train_supervised(model, xl, yl, augs["mild"], epochs=epochs, seed=seed, **budget)
+            clf.train_supervised(model, xl, yl, augs["mild"], epochs=epochs, seed=seed, backbone_lr_scale=scale,
+                                 **budget)
         else:  # more labels than finetune.labeled_in_memory: streamed from the shards
             loader = ShardLoader(cfg.data.shards, splits="train", keys=keys, batch_size=max(1, ft.batch_size // world),
                                  rank=rank, world_size=world, seed=seed, num_workers=cfg.data.loader_workers,
                                  image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
             clf.train_supervised_stream(model, loader, augs["mild"], epochs=epochs, labeled=len(keys),
                                         batch_size=ft.batch_size, lr=ft.lr, weight_decay=ft.weight_decay,
-                                        device=device)
+                                        device=device, backbone_lr_scale=scale)
         return model
+
+    def probe(net: torch.nn.Module, xl, yl, keys: list[str], seed: int) -> None:
+        """LP-FT's first stage: the head alone, fit on the frozen backbone's features of the labeled images (no
+        augmentation; every rank alike: the same features and seed)."""
+        if xl is not None:
+            feats, y = predict_features(net, xl, mean, std, device=device), yl
+        else:
+            feats, y, _ = encode_keys(net.backbone, cfg.data.shards, "train", keys, size, mean, std, device)
+        targets = torch.nn.functional.one_hot(y.long(), int(arch["num_classes"])).float()
+        fit_head(net, feats, targets, epochs=ft.probe_epochs, batch_size=ft.batch_size, lr=ft.lr,
+                 weight_decay=ft.weight_decay, seed=seed, device=device)
 
     results, best = [], {}
     for job in config["jobs"]:
@@ -100,7 +118,7 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
             t = time.perf_counter()
             reused = tuned is not None
             if method == "scratch":
-                model = fit(clf.build_classifier(arch), xl, yl, seed, fraction, job["keys"])
+                model = fit(clf.build_classifier(arch), xl, yl, seed, fraction, job["keys"], pretrained=False)
             else:
                 if tuned is None:
                     tuned = fit(clf.build_classifier(arch, copy.deepcopy(backbone), copy.deepcopy(head)),

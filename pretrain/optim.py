@@ -63,8 +63,9 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr: `lr`, times the group's `lr_scale` where it has one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class WarmupCosine:

@@ -251,6 +251,12 @@ class FinetuneConfig:
                                            "scratch included); null: half of augment.jitter_prob")
     jitter_strength: float | None = _opt(None, "colour jitter strength while fine-tuning; null: half of "
                                                "augment.jitter_strength")
+    backbone_lr_scale: float = _opt(1.0, "fine-tuning from the encoder (finetune, semi's fine-tuned model, an "
+                                          "ensemble's members): the backbone's learning rate is finetune.lr times "
+                                          "this, the head's finetune.lr; scratch always 1")
+    probe_epochs: int = _opt(0, "fine-tuning from the encoder: first fit the classifier's head alone on the frozen "
+                                "backbone's features of the labeled images, this many passes (a linear probe, "
+                                "then fine-tuning: LP-FT); 0: none")
     start_from: Literal["head", "backbone"] = _opt(
         "head", "head: keep the first projection layer (SimCLRv2); backbone: the backbone only")
     semi_method: Literal["distill", "fixmatch"] = _opt(
@@ -318,6 +324,8 @@ class FinetuneConfig:
             _non_negative("finetune.jitter_strength", self.jitter_strength)
         _positive("finetune.batch_size", self.batch_size)
         _positive("finetune.lr", self.lr)
+        _non_negative("finetune.backbone_lr_scale", self.backbone_lr_scale)
+        _non_negative("finetune.probe_epochs", self.probe_epochs)
         _positive("finetune.semi_lr", self.semi_lr)
         _non_negative("finetune.weight_decay", self.weight_decay)
         _non_negative("finetune.semi_epochs", self.semi_epochs)
