@@ -407,15 +407,18 @@ def test_backbone_lr_scale_gives_the_backbone_its_fraction_of_the_learning_rate(
 
 
 @pytest.mark.slow
-def test_lp_ft_probes_the_head_then_fine_tunes_and_never_touches_scratch(data, tmp_path):
+@pytest.mark.parametrize("in_memory", [20000, 100], ids=["held", "streamed"])
+def test_lp_ft_probes_the_head_then_fine_tunes_and_never_touches_scratch(data, tmp_path, in_memory):
     """finetune.probe_epochs: the head is first fit on the frozen backbone's features (LP-FT), so one epoch of
     fine-tuning after it scores far above one epoch without it; finetune.backbone_lr_scale=0 then leaves the
-    backbone's weights exactly the encoder's. scratch (a random backbone) gets neither."""
+    backbone's weights exactly the encoder's. scratch (a random backbone) gets neither. The same with the 144
+    labels held in memory and streamed from the shards (finetune.labeled_in_memory=100)."""
     images, _, _ = load_split(str(data["shards"]), "train")
     enc = _encoder(tmp_path / "enc", data["manifest"], calibrate=images[:512])
     args = ["finetune.methods=[scratch,finetune]", "finetune.fractions=[0.1]", "finetune.num_seeds=1",
             "finetune.epochs=1", "finetune.full_fraction_methods=[]", "trainer.num_workers=0",
-            "trainer.torch_threads=1", "wandb.enabled=false", f"encoder={enc}", f"data.shards={data['shards']}"]
+            "trainer.torch_threads=1", "wandb.enabled=false", f"encoder={enc}", f"data.shards={data['shards']}",
+            f"finetune.labeled_in_memory={in_memory}"]
     plain, lpft = tmp_path / "plain", tmp_path / "lpft"
     assert selfsup(["finetune", f"output_dir={plain}", *args]) == 0
     assert selfsup(["finetune", f"output_dir={lpft}", *args, "finetune.probe_epochs=50",
