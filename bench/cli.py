@@ -34,6 +34,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="reference_e2e: epochs each side trains before the kNN accuracy (default 5)")
     p.add_argument("--e2e-seeds", type=int, default=1,
                    help="reference_e2e: seeds each side is trained with; kNN is then compared as mean ± std (default 1)")
+    p.add_argument("--ray-rounds", type=int, default=1,
+                   help="ray: pairs of in-process steps alone, then the Ray Train worker on a fresh private cluster, "
+                        "the first being the section's own; the ratio's median over them (default 1)")
     p.add_argument("--daemon-rounds", type=int, default=3,
                    help="daemons: rounds, each running every variant once; figures are medians over them (default 3)")
     p.add_argument("--memory-sizes", default="10000,100000",
@@ -64,7 +67,7 @@ def bench_main(args: argparse.Namespace) -> int:
         raise UserError(f"--parts {args.parts!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; "
                         f"choose from {','.join(PARTS)}")
     for name in ("batch", "repeats", "threads", "images", "loader_batches", "decode_images", "loader_threads", "e2e_epochs",
-                 "e2e_seeds", "daemon_rounds"):
+                 "e2e_seeds", "daemon_rounds", "ray_rounds"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -145,7 +148,7 @@ def _run_parts(args: Any, cfg: Any, parts: list[str], loader_workers: list[int])
                   repeats=args.repeats, threads=threads, device=pick_device(), loader_workers=loader_workers,
                   loader_batches=args.loader_batches, decode_images=args.decode_images,
                   loader_threads=args.loader_threads, e2e_epochs=args.e2e_epochs,
-                  e2e_seeds=args.e2e_seeds, daemon_rounds=args.daemon_rounds)
+                  e2e_seeds=args.e2e_seeds, daemon_rounds=args.daemon_rounds, ray_rounds=args.ray_rounds)
         results = run_bench(b, parts, log=lambda s: print(s, flush=True))
     finally:
         if made:

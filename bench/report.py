@@ -53,6 +53,9 @@ def table(r: dict) -> str:
         add("ray", "launch to first step, --local", y["local_launch_to_first_step_s"], "s")
         if "nice15_images_per_s" in y:
             add("ray", "ratio Ray / in-process", y["ratio"], "x")
+            if len(y.get("ratio_rounds", [])) > 1:
+                add("ray", f"  median of {len(y['ratio_rounds'])} back-to-back pairs (in-process alone, then Ray)",
+                    y["ratio_median"], "x (" + ", ".join(f"{v:.3g}" for v in y["ratio_rounds"]) + ")")
             add("ray", "Ray Train, 1 worker at Ray's default nice 15", y["nice15_images_per_s"], "img/s")
             add("ray", "ratio nice 15 / in-process", y["nice15_ratio"], "x")
         if "local_cluster_up_images_per_s" in y:

@@ -78,7 +78,7 @@ def test_bad_parts_is_one_line_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ray_and_scaling(tmp_path):
-    r, _ = run_bench(tmp_path, "ray,scaling", "--threads", "2")
+    r, _ = run_bench(tmp_path, "ray,scaling", "--threads", "2", "--ray-rounds", "2")
     assert set(r) == {"meta", "ray", "scaling"}
     y = r["ray"]
     assert {"ray_images_per_s", "local_images_per_s", "ratio", "ray_launch_to_first_step_s",
@@ -108,6 +108,9 @@ def test_ray_and_scaling(tmp_path):
     assert y["ray_poll_report_s"] > 1.0 and y["report_s"] < y["ray_poll_report_s"]
     assert y["ray_poll_ratio"] == pytest.approx(y["ray_poll_images_per_s"] / y["local_images_per_s"])
     assert y["ray_exit_s"] > y["local_exit_s"] >= 0
+    # a second back-to-back pair (in-process alone, then Ray Train on a fresh cluster); the first is the section's
+    assert len(y["ratio_rounds"]) == 2 and y["ratio_rounds"][0] == y["ratio"]
+    assert y["ratio_median"] == pytest.approx(sum(y["ratio_rounds"]) / 2)
     for gb in ("16", "256"):
         n = s["ntxent"][gb]
         assert n["global_batch"] == int(gb) and {"world_1_step_s", "world_2_efficiency", "world_4_efficiency"} <= set(n)
