@@ -108,13 +108,15 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
     """SGD with nesterov momentum; no weight decay on norms and biases; with `backbone_lr_scale` != 1 the
     backbone's groups learn at that fraction of `lr` (`set_lr` applies each group's `lr_scale`)."""
     groups = param_groups(model, weight_decay)
-    if backbone_lr_scale != 1.0:
+    if backbone_lr_scale != 1.0:  # each group split in two: its backbone parameters and the rest
         backbone = {id(p) for p in unwrap(model).backbone.parameters()}
-        groups = [{**g, "params": ps, "name": f"{g['name']}_{part}", "lr_scale": scale}
-                  for g in groups
-                  for part, scale, ps in (("backbone", backbone_lr_scale, [p for p in g["params"] if id(p) in backbone]),
-                                          ("head", 1.0, [p for p in g["params"] if id(p) not in backbone]))
-                  if ps]
+        split = []
+        for g in groups:
+            for part, scale, inside in (("backbone", backbone_lr_scale, True), ("head", 1.0, False)):
+                params = [p for p in g["params"] if (id(p) in backbone) == inside]
+                if params:
+                    split.append({**g, "params": params, "name": f"{g['name']}_{part}", "lr_scale": scale})
+        groups = split
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
 
 

@@ -251,11 +251,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         if r["method"] == "pixels" and r.get("fit_samples"):
             lines.append(f"`pixels` at {_pct(r['label_fraction'])} was fit on a seeded sample of {r['fit_samples']} of "
                          f"its {r['labels']} labeled images (`finetune.pixels_max_samples`), to keep memory bounded.")
-    if report.get("probe_epochs") or report.get("backbone_lr_scale", 1.0) != 1.0:
-        how = [f"first fit its head alone on the frozen encoder's features of the labels for {report['probe_epochs']} "
-               "passes (a linear probe, then fine-tuning: LP-FT)"] if report.get("probe_epochs") else []
-        if report.get("backbone_lr_scale", 1.0) != 1.0:
-            how.append(f"trained the backbone at {report['backbone_lr_scale']:g} x the head's learning rate")
+    probe, scale = report.get("probe_epochs"), report.get("backbone_lr_scale", 1.0)
+    how = ([f"first fit its head alone on the frozen encoder's features of the labels for {probe} passes (a linear "
+            "probe, then fine-tuning: LP-FT)"] if probe else []) + \
+          ([f"trained the backbone at {scale:g} x the head's learning rate"] if scale != 1.0 else [])
+    if how:
         lines.append(f"Fine-tuning from the encoder (`finetune`, and the model `semi` starts from) {' and '.join(how)}.")
     if report.get("semi_method"):
         student = ("; its student is a freshly initialised network (`finetune.distill_student=scratch`), taught "

@@ -36,8 +36,9 @@ TINY = {"channels": [8, 16, 32, 64]}
 
 def _encoder(out: Path, manifest: dict, in_chans: int | None = None, image_size: int | None = None,
              calibrate: torch.Tensor | None = None) -> Path:
-    """A random encoder saved like pretraining; `calibrate` (uint8 images): its batch-norm statistics are those
-    images' (as pretraining leaves them: eval-mode features then match train mode's), else BatchNorm's initial."""
+    """A random encoder saved like pretraining; `calibrate` (uint8 images): its backbone's batch-norm statistics
+    are those images' (as pretraining leaves them: eval-mode features then match train mode's), else
+    BatchNorm's initial."""
     cfg = Config()
     cfg.model.timm_kwargs = dict(TINY)
     cfg.model.proj_hidden_dim, cfg.model.proj_output_dim = 32, 16
@@ -49,17 +50,9 @@ def _encoder(out: Path, manifest: dict, in_chans: int | None = None, image_size:
     torch.manual_seed(0)
     model = build_model(cfg.model, int(m["channels"]))
     if calibrate is not None:
-        from pretrain.augment import normalize
+        from finetune.semi import pool_bn_stats
 
-        for bn in model.modules():
-            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
-                bn.reset_running_stats()
-                bn.momentum = None  # the plain mean over the one batch
-        with torch.no_grad():
-            model.train()(normalize(calibrate, m["mean"], m["std"]))
-        for bn in model.modules():
-            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
-                bn.momentum = 0.1
+        pool_bn_stats(model, calibrate, m["mean"], m["std"])
     save_encoder(out, model, encoder_meta(cfg, m, model, epochs=0, knn_acc=None))
     return out
 
