@@ -27,7 +27,7 @@ from runtime.errors import UserError, run_cli
 SETTINGS = ("semi_epochs", "distill_head_epochs", "semi_lr", "distill_rounds", "spread_k", "spread_alpha",
             "fixmatch_threshold", "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from", "spread_prior",
             "spread_features", "distill_student", "jitter_prob", "jitter_strength", "teacher_models", "distill_bn_stats",
-            "backbone_lr_scale", "probe_epochs")
+            "backbone_lr_scale", "probe_epochs", "wise_alpha")
 
 
 def _pretrain_s(encoder: str | None) -> float | None:

@@ -120,6 +120,16 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
 
 
+def interpolate_weights(model: nn.Module, start: dict[str, torch.Tensor], alpha: float) -> None:
+    """WiSE-FT (Wortsman et al., 2022): `model`'s weights become `alpha` x its own + (1 - `alpha`) x `start`'s (a
+    state dict of the same network, taken before fine-tuning), in place; every floating tensor, batch-norm
+    running statistics included. Deterministic: every DDP rank ends with the same weights."""
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.mul_(alpha).add_(start[name].to(value.device), alpha=1 - alpha)
+
+
 def rank_share(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's indices of a global batch: the same count on every rank, and at least 2 (a rank holding
     one image breaks BatchNorm in train mode), wrapping around the batch where it does not split evenly

@@ -252,9 +252,12 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"`pixels` at {_pct(r['label_fraction'])} was fit on a seeded sample of {r['fit_samples']} of "
                          f"its {r['labels']} labeled images (`finetune.pixels_max_samples`), to keep memory bounded.")
     probe, scale = report.get("probe_epochs"), report.get("backbone_lr_scale", 1.0)
+    wise = report.get("wise_alpha", 1.0)
     how = ([f"first fit its head alone on the frozen encoder's features of the labels for {probe} passes (a linear "
             "probe, then fine-tuning: LP-FT)"] if probe else []) + \
-          ([f"trained the backbone at {scale:g} x the head's learning rate"] if scale != 1.0 else [])
+          ([f"trained the backbone at {scale:g} x the head's learning rate"] if scale != 1.0 else []) + \
+          ([f"kept {wise:g} x the fine-tuned weights + {1 - wise:g} x those after the linear probe (WiSE-FT)"]
+           if wise != 1.0 else [])
     if how:
         lines.append(f"Fine-tuning from the encoder (`finetune`, and the model `semi` starts from) {' and '.join(how)}.")
     if report.get("semi_method"):

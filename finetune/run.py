@@ -252,7 +252,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
         semi_method=ft.semi_method if "semi" in ft.methods else None, semi_mask_rate=mask or None, semi_model_weight=weight or None,
         **({"semi_student": ft.distill_student, "semi_bn_stats": ft.distill_bn_stats}
            if "semi" in ft.methods and ft.semi_method == "distill" else {}),
-        **({"probe_epochs": ft.probe_epochs, "backbone_lr_scale": ft.backbone_lr_scale}
+        **({"probe_epochs": ft.probe_epochs, "backbone_lr_scale": ft.backbone_lr_scale, "wise_alpha": ft.wise_alpha}
            if {"finetune", "semi"} & set(ft.methods) else {}),
         start_from=ft.start_from, test_samples=len(test_keys), classes=classes, classifiers=saved,
         encoder_knn_acc=(meta or {}).get("knn_acc"), encode_s=round(encode_s, 2), shards=str(cfg.data.shards),

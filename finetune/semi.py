@@ -40,7 +40,8 @@ and since the demo got faster (issue 15) digits pretrains 40 epochs (bench/READM
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -194,12 +195,22 @@ def distill(model: nn.Module, pool: torch.Tensor, propagated: np.ndarray, labele
 def pool_bn_stats(net: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 512,
                   device: str | torch.device = "cpu") -> None:
     """Re-estimate the batch-norm running statistics of the classifier's backbone on uint8 `images` (the
-    pool: no labels, no augmentation, normalised like the test split): a forward pass in train mode, each
-    layer's statistics the plain mean over near-equal batches (momentum None), then the layers' momentum
-    restored. No weight changes. The same on every rank (same pool): the ranks' statistics stay identical."""
+    pool: no labels, no augmentation, normalised like the test split), in near-equal batches (`bn_stats`)."""
+    if len(images):
+        splits = torch.arange(len(images)).tensor_split(max(1, -(-len(images) // batch_size)))
+        bn_stats(net, (images[idx] for idx in splits), mean, std, device=device)
+
+
+def bn_stats(net: nn.Module, batches: Iterable[torch.Tensor], mean, std, device: str | torch.device = "cpu") -> None:
+    """The backbone's batch-norm running statistics from uint8 `batches` (held in memory or streamed from the
+    shards): a forward pass in train mode, each layer's statistics the plain mean over the batches (momentum
+    None), then the layers' momentum restored; kept as they were when no batch comes. No weight changes. The
+    same on every rank given the same batches: the ranks' statistics stay identical."""
     backbone = net.backbone
     bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or len(images) == 0:
+    batches = iter(batches)
+    first = next(batches, None)
+    if not bns or first is None:
         return
     momenta = [m.momentum for m in bns]
     for m in bns:
@@ -208,8 +219,9 @@ def pool_bn_stats(net: nn.Module, images: torch.Tensor, mean, std, batch_size: i
     was = backbone.training
     backbone.train()
     try:
-        for idx in torch.arange(len(images)).tensor_split(max(1, -(-len(images) // batch_size))):
-            backbone(normalize(images[idx].to(device), mean, std))
+        with torch.no_grad():
+            for x in itertools.chain([first], batches):
+                backbone(normalize(x.to(device), mean, std))
     finally:
         backbone.train(was)
         for m, momentum in zip(bns, momenta):

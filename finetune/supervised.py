@@ -18,11 +18,12 @@ import torch
 from finetune import classifier as clf
 from finetune.data import encode_keys, labeled_images, pool_images, sample_of, stream_predict
 from finetune.linear import encode
-from finetune.semi import distill, fit_head, fixmatch, predict_features, propagate
+from finetune.semi import bn_stats, distill, fit_head, fixmatch, pool_bn_stats, predict_features, propagate
 from pretrain.model import unwrap
 from runtime.launch import session
 from shards.manifest import read_manifest
 from shards.reader import ShardLoader
+from shards.splits import iter_split
 
 TRAINED = ("scratch", "finetune", "semi")
 # The classifier shipped per labeled fraction, by a fixed rule that never looks at the test split: the first
@@ -71,12 +72,15 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     def fit(model: torch.nn.Module, xl, yl, seed: int, fraction: float, keys: list[str],
             pretrained: bool = True) -> torch.nn.Module:
         """Train `model` on the labeled subset (in memory, or streamed from the shards); `pretrained`: it starts
-        from the encoder, so finetune.probe_epochs and finetune.backbone_lr_scale apply."""
+        from the encoder, so finetune.probe_epochs, backbone_lr_scale and wise_alpha apply."""
         model = _distribute(model.to(device), sess)
         epochs = ft.full_epochs if fraction >= 1 else ft.epochs
         scale = ft.backbone_lr_scale if pretrained else 1.0
+        start = None  # WiSE-FT's other end: the probed model, before fine-tuning moves its backbone
         if pretrained and ft.probe_epochs > 0:
             probe(unwrap(model), xl, yl, keys, seed)
+            if ft.wise_alpha < 1:
+                start = copy.deepcopy(unwrap(model).state_dict())
         if xl is not None:
             clf.train_supervised(model, xl, yl, augs["mild"], epochs=epochs, seed=seed, backbone_lr_scale=scale,
                                  **budget)
@@ -87,6 +91,14 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
             clf.train_supervised_stream(model, loader, augs["mild"], epochs=epochs, labeled=len(keys),
                                         batch_size=ft.batch_size, lr=ft.lr, weight_decay=ft.weight_decay,
                                         device=device, backbone_lr_scale=scale)
+        if start is not None:  # WiSE-FT; the averaged weights need their own batch-norm statistics (as SWA's)
+            clf.interpolate_weights(unwrap(model), start, ft.wise_alpha)
+            if xl is not None:
+                pool_bn_stats(unwrap(model), xl, mean, std, device=device)
+            else:
+                bn_stats(unwrap(model), (x for x, _, _ in iter_split(cfg.data.shards, "train", keys=keys,
+                                                                     image_size=size, batch_size=512)),
+                         mean, std, device=device)
         return model
 
     def probe(net: torch.nn.Module, xl, yl, keys: list[str], seed: int) -> None:

@@ -257,6 +257,9 @@ class FinetuneConfig:
     probe_epochs: int = _opt(0, "fine-tuning from the encoder: first fit the classifier's head alone on the frozen "
                                 "backbone's features of the labeled images, this many passes (a linear probe, "
                                 "then fine-tuning: LP-FT); 0: none")
+    wise_alpha: float = _opt(1.0, "fine-tuning from the encoder with finetune.probe_epochs > 0: the weights kept are "
+                                  "this share of the fine-tuned ones plus the rest of the probed start's "
+                                  "(WiSE-FT); 1: the fine-tuned weights")
     start_from: Literal["head", "backbone"] = _opt(
         "head", "head: keep the first projection layer (SimCLRv2); backbone: the backbone only")
     semi_method: Literal["distill", "fixmatch"] = _opt(
@@ -326,6 +329,10 @@ class FinetuneConfig:
         _positive("finetune.lr", self.lr)
         _non_negative("finetune.backbone_lr_scale", self.backbone_lr_scale)
         _non_negative("finetune.probe_epochs", self.probe_epochs)
+        _probability("finetune.wise_alpha", self.wise_alpha)
+        if self.wise_alpha < 1 and self.probe_epochs == 0:
+            raise UserError("finetune.wise_alpha < 1 needs finetune.probe_epochs > 0: the start it averages with "
+                            "must have a head fit to the labels")
         _positive("finetune.semi_lr", self.semi_lr)
         _non_negative("finetune.weight_decay", self.weight_decay)
         _non_negative("finetune.semi_epochs", self.semi_epochs)

@@ -235,6 +235,15 @@ def test_pool_bn_stats_takes_the_backbones_batch_norm_statistics_from_the_pool_a
         out = first(normalize(images, mean, std))
     assert torch.allclose(bns[0].running_mean, out.mean(dim=(0, 2, 3)), atol=1e-4)
     assert all(not torch.allclose(m.running_var, torch.full_like(m.running_var, 7.0)) for m in bns)
+    # the same batches streamed one by one (finetune.wise_alpha on labels read from the shards): the same
+    # statistics; no batch at all leaves them as they were
+    from finetune.semi import bn_stats
+
+    held = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    bn_stats(model, (images[i:i + 100] for i in range(0, 400, 100)), mean, std)
+    assert all(torch.allclose(v, model.state_dict()[k], atol=1e-5) for k, v in held.items())
+    bn_stats(model, iter(()), mean, std)
+    assert all(torch.allclose(v, model.state_dict()[k], atol=1e-5) for k, v in held.items())
 
     labeled = np.concatenate([np.flatnonzero(labels == c)[:3] for c in range(10)])
     soft = propagate(images.reshape(len(images), -1).float().numpy(), labeled, labels[labeled], num_classes=10)
@@ -427,6 +436,45 @@ def test_lp_ft_probes_the_head_then_fine_tunes_and_never_touches_scratch(data, t
     encoder = load_file(str(enc / "encoder.safetensors"))
     weights = [k for k in encoder if "running" not in k and "num_batches" not in k]
     assert weights and all(torch.equal(shipped[f"backbone.{k}"], encoder[k]) for k in weights)
+    # WiSE-FT at 0 keeps the probed start: a backbone fine-tuned at full speed comes back to the encoder's
+    # weights, with batch-norm statistics of its own, estimated on the labeled images (held or streamed)
+    wise = tmp_path / "wise"
+    assert selfsup(["finetune", f"output_dir={wise}", *args, "finetune.probe_epochs=50", "finetune.wise_alpha=0"]) == 0
+    report = json.loads((wise / "report.json").read_text())
+    assert report["wise_alpha"] == 0 and "WiSE-FT" in (wise / "report.md").read_text()
+    shipped = load_file(str(wise / "classifiers" / "finetune-0.1" / "model.safetensors"))
+    assert all(torch.equal(shipped[f"backbone.{k}"], encoder[k]) for k in weights)
+    running = [k for k in encoder if "running_mean" in k]
+    assert running and all(torch.isfinite(shipped[f"backbone.{k}"]).all() for k in running)
+    assert not all(torch.equal(shipped[f"backbone.{k}"], encoder[k]) for k in running)
+    accuracy = {r["method"]: r["accuracy_mean"] for r in report["results"]}
+    assert accuracy["finetune"] > acc["plain"]["finetune"] + 0.2
+
+
+def test_wise_ft_interpolates_every_floating_tensor_and_needs_a_probed_head():
+    """interpolate_weights: alpha x the model's weights + (1 - alpha) x the start's, batch-norm running statistics
+    included, integer counters untouched; finetune.wise_alpha < 1 without finetune.probe_epochs is refused."""
+    from finetune.classifier import interpolate_weights
+    from runtime.errors import UserError
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    net(torch.randn(8, 3))  # moves the running statistics and the counter
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    moved = {k: v.clone() for k, v in net.state_dict().items()}
+    interpolate_weights(net, start, 0.25)
+    for k, v in net.state_dict().items():
+        want = moved[k] if not v.is_floating_point() else 0.25 * moved[k] + 0.75 * start[k]
+        assert torch.allclose(v, want), k
+    assert net.state_dict()["1.num_batches_tracked"] == 1
+    assert torch.equal(net[0].weight, net.state_dict()["0.weight"])  # the parameters themselves moved
+    with pytest.raises(UserError, match="finetune.wise_alpha < 1 needs finetune.probe_epochs > 0"):
+        load_config("configs/digits.yaml", ["finetune.wise_alpha=0.5"])
+    with pytest.raises(UserError, match=r"finetune.wise_alpha must be in \[0, 1\]"):
+        load_config("configs/digits.yaml", ["finetune.wise_alpha=1.5", "finetune.probe_epochs=5"])
+    assert load_config("configs/digits.yaml", ["finetune.wise_alpha=0.5", "finetune.probe_epochs=5"]).finetune.wise_alpha == 0.5
 
 
 def test_the_teacher_trusts_the_model_only_as_far_as_it_agrees_with_label_spreading():
