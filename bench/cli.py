@@ -20,7 +20,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="crop size (default: 32, or the shards' size)")
     p.add_argument("--batch", type=int, default=256, help="global batch of source images (two views each)")
     p.add_argument("--parts", default="loader,decode,model,end_to_end,ray,scaling",
-                   help="comma list of sections to run (also: memory, reference_e2e and daemons, not run by default)")
+                   help="comma list of sections to run (also: formats, memory, reference_e2e and daemons, not run by default)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--shards", default=None, help="shards dir to read (default: write CIFAR-like shards to a temp dir)")

@@ -39,6 +39,13 @@ def table(r: dict) -> str:
         add("decode", "PIL, 1 thread", d["pil_images_per_s"], "img/s")
     if "model" in r:
         add("model", "fwd+bwd+step, in memory", r["model"]["images_per_s"], "img/s (2 views)")
+    if "formats" in r:
+        f = r["formats"]
+        for name, v in f["variants"].items():
+            add("formats", f"fwd+bwd+step, in memory, {name}", v["images_per_s"],
+                f"img/s ({v['ratio']:.3g}x fp32)")
+        rows.append(("formats", "what auto/null pick here", f["picked"]
+                     + (f" (CPU capability {f['cpu_capability']})" if f.get("cpu_capability") else "")))
     if "end_to_end" in r:
         e = r["end_to_end"]
         add("end_to_end", "steps with the real loader", e["steps_per_s"], "steps/s")

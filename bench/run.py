@@ -47,7 +47,9 @@ import torch
 
 from runtime.errors import UserError
 
-PARTS = ("loader", "decode", "model", "end_to_end", "ray", "scaling", "memory", "reference_e2e", "daemons")
+PARTS = ("loader", "decode", "model", "formats", "end_to_end", "ray", "scaling", "memory", "reference_e2e", "daemons")
+# the `formats` part's variants: (name, bf16 autocast, channels_last)
+FORMATS = (("fp32", False, False), ("fp32, channels_last", False, True), ("bf16, channels_last", True, True))
 RAY_POLL_INTERVAL_S = 2.0  # Ray Train's DEFAULT_HEALTH_CHECK_INTERVAL_S, the `ray` section's comparison
 # Without --config the bench measures the issue's reference setting: CIFAR-like 32 px shards, ResNet-18 at
 # full width with the small stem, the `small` (CIFAR) augmentation preset.
@@ -338,14 +340,19 @@ def _loader_row(b: Bench, workers: int) -> dict:
 class Step:
     """One SimCLR step as the training loop takes it: both views through the model, NT-Xent, update."""
 
-    def __init__(self, b: Bench, global_batch: int, distributed: bool = False):
+    def __init__(self, b: Bench, global_batch: int, distributed: bool = False, bf16: bool | None = None,
+                 channels_last: bool | None = None):
+        """`bf16`/`channels_last`: as given, else as `pretrain.precision`/`pretrain.channels_last` resolve here."""
         from lightly.loss import NTXentLoss
 
         from pretrain.model import build_model
         from pretrain.optim import build_optimizer
 
+        bf16 = b.bf16 if bf16 is None else bf16
+        channels_last = b.channels_last if channels_last is None else channels_last
+        torch.manual_seed(0)
         model = build_model(b.cfg.model, b.channels).to(b.device)
-        if b.channels_last:
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if distributed:
             import ray.train.torch
@@ -355,8 +362,8 @@ class Step:
         self.loss = NTXentLoss(temperature=b.cfg.pretrain.temperature, gather_distributed=distributed)
         self.optimizer = build_optimizer(b.cfg.optim, model, global_batch)
         self.device = b.device
-        self.bf16 = b.bf16
-        self.memory_format = torch.channels_last if b.channels_last else torch.contiguous_format
+        self.bf16 = bf16
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, v1: torch.Tensor, v2: torch.Tensor) -> float:
         x = torch.cat([v1, v2]).contiguous(memory_format=self.memory_format)
@@ -379,6 +386,36 @@ def bench_model(b: Bench) -> dict:
     runs = timed(lambda: step(v1, v2), b.repeats, b.warmup)
     return {"images_per_s": b.batch / median(runs), "steps_per_s": 1 / median(runs),
             "views_per_step": 2 * b.batch, "runs_s": runs}
+
+
+def bench_formats(b: Bench) -> dict:
+    """The model step of `bench_model` in each number format and memory format (`FORMATS`), each its own model
+    from the same initial weights, their timed steps taken in turn (variant 1, 2, 3, 1, 2, 3, ...) so that all
+    see the same machine; images/s, and the ratio to fp32 in the default format. `picked`: what
+    `pretrain.precision: auto` and `pretrain.channels_last: null` resolve to on this device (the precision
+    module's rule, without the per-model fallback), for comparing with the fastest measured."""
+    from pretrain.precision import resolve_precision
+
+    g = torch.Generator().manual_seed(0)
+    shape = (b.batch, b.channels, b.image_size, b.image_size)
+    v1, v2 = (torch.randn(shape, generator=g).to(b.device) for _ in range(2))
+    steps = {name: Step(b, b.batch, bf16=bf16, channels_last=cl) for name, bf16, cl in FORMATS}
+    runs: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(b.warmup):
+        for step in steps.values():
+            step(v1, v2)
+    for _ in range(b.repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(v1, v2)
+            runs[name].append(time.perf_counter() - t0)
+    base = median(runs["fp32"])
+    bf16, cl = resolve_precision("auto", None, b.device)
+    picked = {(x, y): name for name, x, y in FORMATS}.get((bf16, cl), "bf16")
+    return {"variants": {name: {"images_per_s": b.batch / median(r), "ratio": base / median(r), "runs_s": r}
+                         for name, r in runs.items()},
+            "picked": picked,
+            "cpu_capability": str(torch.backends.cpu.get_cpu_capability()) if b.device.type == "cpu" else None}
 
 
 def steps_loop(config: dict) -> dict:
@@ -517,6 +554,9 @@ def run_bench(b: Bench, parts: list[str], log: Callable[[str], None] = print) ->
         if "model" in parts and "end_to_end" not in parts:
             log("model ...")
             results["model"] = bench_model(b)
+        if "formats" in parts:
+            log("formats (the step in fp32 / channels_last / bf16, in turn) ...")
+            results["formats"] = bench_formats(b)
         local = None
         if {"end_to_end", "ray"} & set(parts):
             log("end_to_end (in-process, alternating with model-only steps) ..." if "end_to_end" in parts

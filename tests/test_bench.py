@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
+import torch
 
 from cluster.cli import main
+from pretrain.precision import resolve_precision
 
 TINY = ["--backbone", "resnet18", "--image-size", "16", "--batch", "16", "--repeats", "2", "--threads", "1",
         "--images", "320", "--loader-batches", "2", "--decode-images", "50",
@@ -45,8 +48,8 @@ def run_bench(tmp_path, parts: str, *extra: str) -> tuple[dict, str]:
 
 
 def test_cheap_parts_and_end_to_end(tmp_path, capsys):
-    r, _ = run_bench(tmp_path, "loader,decode,model,end_to_end", "--loader-workers", "0,2")
-    assert set(r) == {"meta", "loader", "decode", "model", "end_to_end"}
+    r, _ = run_bench(tmp_path, "loader,decode,model,formats,end_to_end", "--loader-workers", "0,2")
+    assert set(r) == {"meta", "loader", "decode", "model", "formats", "end_to_end"}
     m = r["meta"]
     assert m["threads"] == 1 and m["batch"] == 16 and m["image_size"] == 16 and m["repeats"] == 2
     assert m["backbone"] == "resnet18" and m["timm_kwargs"] == {"channels": [8, 8, 16, 16]}
@@ -63,10 +66,21 @@ def test_cheap_parts_and_end_to_end(tmp_path, capsys):
             "launch_to_first_step_s"} <= set(e)
     pairs = [m / s for m, s in zip(r["model"]["runs_s"], e["runs_s"])]
     assert len(pairs) == 2 and e["pipeline_efficiency"] == pytest.approx(sorted(pairs)[0] / 2 + sorted(pairs)[1] / 2)
-    for name in ("loader", "decode", "model", "end_to_end"):
+    # formats: each variant's steps timed in turn; ratios to fp32 in the default format; what auto/null pick here
+    f = r["formats"]
+    assert list(f["variants"]) == ["fp32", "fp32, channels_last", "bf16, channels_last"]
+    base = statistics.median(f["variants"]["fp32"]["runs_s"])
+    for v in f["variants"].values():
+        assert len(v["runs_s"]) == 2 and v["ratio"] == pytest.approx(base / statistics.median(v["runs_s"]))
+        assert v["images_per_s"] == pytest.approx(16 / statistics.median(v["runs_s"]))
+    picked = {(False, False): "fp32", (False, True): "fp32, channels_last", (True, True): "bf16, channels_last"}
+    assert f["picked"] == picked[resolve_precision("auto", None, "cpu")]
+    assert f["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    for name in ("loader", "decode", "model", "formats", "end_to_end"):
         assert_positive(r[name], name)
     printed = capsys.readouterr().out
     assert "torch threads 1" in printed and "pipeline_efficiency" in printed and "ratio ours/reference" in printed
+    assert f"what auto/null pick here {f['picked']} (CPU capability {f['cpu_capability']})" in " ".join(printed.split())
 
 
 def test_bad_parts_is_one_line_error(tmp_path, capsys):
