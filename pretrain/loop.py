@@ -126,8 +126,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(p.seed)
     model = build_model(cfg.model, in_chans=int(manifest["channels"])).to(device)
     model = convert_sync_batchnorm(model, cfg.model.sync_batchnorm, device)
-    # auto/null: bf16 autocast + channels_last on GPUs and on CPUs with native bf16 where a probe step of this
-    # model at this size works (pretrain/precision.py); fp32 otherwise
+    # auto/null: bf16 autocast + channels_last on GPUs and on CPUs with native bf16, channels_last alone on AVX2
+    # CPUs, where this model at this size has no 1x1 maps (pretrain/precision.py); fp32 otherwise
     use_bf16, channels_last = resolve_for_model(p.precision, p.channels_last, model, int(manifest["channels"]),
                                                 cfg.data.image_size or int(manifest["image_size"]), device)
     if channels_last:

@@ -4,8 +4,11 @@ On a GPU: bf16 autocast and channels_last. On a CPU with native bf16 instruction
 through torch): the same pair. Measured on this project's 2-core AVX512-BF16 CPU (no AMX), one SimCLR step of
 the digits model (batch 64, 1 thread): bf16 + channels_last 1.6-2.0x faster than fp32, while either one alone
 gained little or lost (channels_last alone 0.8-1.3x, bf16 alone 1.0-1.4x); the digits kNN accuracy after
-pretraining stayed within its run-to-run spread (see bench/README.md). Without native bf16 (AVX2-only CPUs,
-where torch emulates it) both stay off: fp32, the default memory format.
+pretraining stayed within its run-to-run spread (see bench/README.md). Without native bf16 torch emulates it
+(measured on a 2-core AVX2 AMD EPYC: a step 10x slower), so bf16 stays off there; on such an AVX2 CPU (torch's
+CPU capability "AVX2") channels_last alone made the step of the digits and the photos model 1.23-1.37x faster in
+fp32 (`selfsup bench --parts formats`, bench/README.md) and is on. Other CPUs (AVX512 without bf16, ARM): fp32,
+the default memory format, until measured.
 """
 
 from __future__ import annotations
@@ -26,17 +29,31 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def cpu_capability() -> str:
+    """torch's name for the widest vector instructions its CPU kernels use here ("AVX2", "AVX512", "DEFAULT", ...)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (RuntimeError, AttributeError):
+        return "DEFAULT"
+
+
 def fast_formats(device: torch.device | str) -> bool:
     """Whether bf16 autocast + channels_last is the faster step on `device` (what `auto`/null pick)."""
     d = torch.device(device)
     return d.type == "cuda" or (d.type == "cpu" and cpu_has_native_bf16())
 
 
+def channels_last_faster(device: torch.device | str) -> bool:
+    """Whether the channels_last memory format is the faster step on `device` (what `channels_last: null` picks):
+    with bf16 where that is native (`fast_formats`), and in fp32 on an AVX2 CPU."""
+    d = torch.device(device)
+    return fast_formats(d) or (d.type == "cpu" and cpu_capability() == "AVX2")
+
+
 def resolve_precision(precision: str, channels_last: bool | None, device: torch.device | str) -> tuple[bool, bool]:
     """(bf16 autocast on, channels_last on) for the `pretrain.precision` and `pretrain.channels_last` settings."""
-    fast = fast_formats(device)
-    bf16 = precision == "bf16" or (precision == "auto" and fast)
-    cl = fast if channels_last is None else bool(channels_last)
+    bf16 = precision == "bf16" or (precision == "auto" and fast_formats(device))
+    cl = channels_last_faster(device) if channels_last is None else bool(channels_last)
     return bf16, cl
 
 
@@ -60,14 +77,15 @@ def smallest_conv_input(model: torch.nn.Module, in_chans: int, image_size: int) 
 
 def resolve_for_model(precision: str, channels_last: bool | None, model: torch.nn.Module, in_chans: int,
                       image_size: int, device: torch.device | str) -> tuple[bool, bool]:
-    """`resolve_precision`, except that `auto` (with channels_last null) on a CPU keeps fp32 when a convolution
-    of `model` sees 1x1 feature maps at `image_size`. There oneDNN's bf16 channels_last backward gave
-    non-finite weight gradients, intermittently (measured: the default stem on 8 px images, whose layers 2-4
-    run on 1x1 maps; a conv alone on 1x1 maps failed in some trials and not others). The digits model (small
-    stem, 16 px: 2x2 at its smallest) ran 20 epochs on 2 workers with no non-finite step."""
+    """`resolve_precision`, except that on a CPU what `auto` and null picked falls back to fp32 and the default
+    memory format when a convolution of `model` sees 1x1 feature maps at `image_size`. There oneDNN's bf16
+    channels_last backward gave non-finite weight gradients, intermittently (measured: the default stem on 8 px
+    images, whose layers 2-4 run on 1x1 maps; a conv alone on 1x1 maps failed in some trials and not others);
+    channels_last alone there is not known to be safe either. The digits model (small stem, 16 px: 2x2 at its
+    smallest) ran 20 epochs on 2 workers with no non-finite step."""
     bf16, cl = resolve_precision(precision, channels_last, device)
-    d = torch.device(device)
-    if d.type == "cpu" and precision == "auto" and channels_last is None and bf16 and cl:
+    picked_bf16, picked_cl = precision == "auto" and bf16, channels_last is None and cl
+    if torch.device(device).type == "cpu" and (picked_bf16 or picked_cl):
         if smallest_conv_input(model, in_chans, image_size) < 2:
-            return False, False
+            return bf16 and not picked_bf16, cl and not picked_cl
     return bf16, cl

@@ -151,7 +151,7 @@ class PretrainConfig:
     knn_queries: int = _opt(10000, "kNN monitor: queries = a seeded sample of at most this many test images")
     seed: int = _opt(0, "seed of the model's initialisation, shuffles and augmentation")
     precision: Literal["auto", "bf16", "fp32"] = _opt("auto", "auto: bf16 autocast on GPU and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
-    channels_last: bool | None = _opt(None, "channels-last memory format; null: where auto picks bf16 (GPU, native-bf16 CPU)")
+    channels_last: bool | None = _opt(None, "channels-last memory format; null: where it measured faster (GPU, native-bf16 CPU, AVX2 CPU in fp32)")
     compile: bool = _opt(False, "torch.compile the model (faster steps after minutes of compiling)")
     max_nonfinite: int = _opt(5, "non-finite losses in a row (each step skipped) before the run stops")
     max_steps_per_epoch: int = _opt(0, "cap on steps per epoch, the same on every rank (0 = all of the data once)")
