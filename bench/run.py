@@ -377,12 +377,18 @@ class Step:
         return float(loss.detach())
 
 
-def bench_model(b: Bench) -> dict:
-    """The ceiling: training steps on normalised views already in memory."""
-    step = Step(b, b.batch)
+def views_in_memory(b: Bench) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two seeded batches of normalised views on the device: what the in-memory steps train on."""
     g = torch.Generator().manual_seed(0)
     shape = (b.batch, b.channels, b.image_size, b.image_size)
     v1, v2 = (torch.randn(shape, generator=g).to(b.device) for _ in range(2))
+    return v1, v2
+
+
+def bench_model(b: Bench) -> dict:
+    """The ceiling: training steps on normalised views already in memory."""
+    step = Step(b, b.batch)
+    v1, v2 = views_in_memory(b)
     runs = timed(lambda: step(v1, v2), b.repeats, b.warmup)
     return {"images_per_s": b.batch / median(runs), "steps_per_s": 1 / median(runs),
             "views_per_step": 2 * b.batch, "runs_s": runs}
@@ -394,11 +400,9 @@ def bench_formats(b: Bench) -> dict:
     see the same machine; images/s, and the ratio to fp32 in the default format. `picked`: what
     `pretrain.precision: auto` and `pretrain.channels_last: null` resolve to on this device (the precision
     module's rule, without the per-model fallback), for comparing with the fastest measured."""
-    from pretrain.precision import resolve_precision
+    from pretrain.precision import cpu_capability, resolve_precision
 
-    g = torch.Generator().manual_seed(0)
-    shape = (b.batch, b.channels, b.image_size, b.image_size)
-    v1, v2 = (torch.randn(shape, generator=g).to(b.device) for _ in range(2))
+    v1, v2 = views_in_memory(b)
     steps = {name: Step(b, b.batch, bf16=bf16, channels_last=cl) for name, bf16, cl in FORMATS}
     runs: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(b.warmup):
@@ -410,12 +414,11 @@ def bench_formats(b: Bench) -> dict:
             step(v1, v2)
             runs[name].append(time.perf_counter() - t0)
     base = median(runs["fp32"])
-    bf16, cl = resolve_precision("auto", None, b.device)
-    picked = {(x, y): name for name, x, y in FORMATS}.get((bf16, cl), "bf16")
+    picked = {(x, y): name for name, x, y in FORMATS}[resolve_precision("auto", None, b.device)]
     return {"variants": {name: {"images_per_s": b.batch / median(r), "ratio": base / median(r), "runs_s": r}
                          for name, r in runs.items()},
             "picked": picked,
-            "cpu_capability": str(torch.backends.cpu.get_cpu_capability()) if b.device.type == "cpu" else None}
+            "cpu_capability": cpu_capability() if b.device.type == "cpu" else None}
 
 
 def steps_loop(config: dict) -> dict:
