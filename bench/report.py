@@ -44,6 +44,10 @@ def table(r: dict) -> str:
         for name, v in f["variants"].items():
             add("formats", f"fwd+bwd+step, in memory, {name}", v["images_per_s"],
                 f"img/s ({v['ratio']:.3g}x fp32)")
+        if "classifier" in f:
+            for name, v in f["classifier"]["variants"].items():
+                add("formats", f"fine-tuning step, batch {f['classifier']['batch']}, {name}", v["images_per_s"],
+                    f"img/s ({v['ratio']:.3g}x fp32)")
         rows.append(("formats", "what auto/null pick here", f["picked"]
                      + (f" (CPU capability {f['cpu_capability']})" if f.get("cpu_capability") else "")))
     if "end_to_end" in r:

@@ -394,29 +394,77 @@ def bench_model(b: Bench) -> dict:
             "views_per_step": 2 * b.batch, "runs_s": runs}
 
 
-def bench_formats(b: Bench) -> dict:
-    """The model step of `bench_model` in each number format and memory format (`FORMATS`), each its own model
-    from the same initial weights, their timed steps taken in turn (variant 1, 2, 3, 1, 2, 3, ...) so that all
-    see the same machine; images/s, and the ratio to fp32 in the default format. `picked`: what
-    `pretrain.precision: auto` and `pretrain.channels_last: null` resolve to on this device (the precision
-    module's rule, without the per-model fallback), for comparing with the fastest measured."""
-    from pretrain.precision import cpu_capability, resolve_precision
+class ClassifierStep:
+    """One fine-tuning step as `finetune.classifier.train_supervised` takes it: the classifier built on the bench's
+    encoder (backbone + the first projection layer + a linear layer, `finetune.start_from: head`), cross-entropy,
+    SGD with nesterov momentum."""
 
-    v1, v2 = views_in_memory(b)
-    steps = {name: Step(b, b.batch, bf16=bf16, channels_last=cl) for name, bf16, cl in FORMATS}
+    def __init__(self, b: Bench, bf16: bool, channels_last: bool, num_classes: int = 10):
+        import torch.nn.functional as F
+
+        from finetune import classifier as clf
+        from pretrain.model import build_model
+
+        torch.manual_seed(0)
+        enc = build_model(b.cfg.model, b.channels)
+        arch = {"model": b.cfg.model.name, "timm_kwargs": dict(b.cfg.model.timm_kwargs), "in_chans": b.channels,
+                "stem": b.cfg.model.stem, "num_features": enc.num_features, "start_from": "head",
+                "num_classes": num_classes, "head": {"hidden_dim": b.cfg.model.proj_hidden_dim,
+                                                     "output_dim": b.cfg.model.proj_output_dim,
+                                                     "num_layers": b.cfg.model.proj_layers}}
+        fmt = torch.channels_last if channels_last else torch.preserve_format
+        self.model = clf.build_classifier(arch, enc.backbone, enc.head).to(b.device, memory_format=fmt).train()
+        ft = b.cfg.finetune
+        self.optimizer = clf.make_optimizer(self.model, ft.lr, ft.weight_decay)
+        self.autocast = torch.autocast(b.device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.loss, self.device = F.cross_entropy, b.device
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        with self.autocast:
+            loss = self.loss(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        sync(self.device)
+        return float(loss.detach())
+
+
+def in_turn(steps: dict[str, Any], args: tuple, b: Bench) -> dict[str, list[float]]:
+    """Each step's timed runs, taken in turn (1, 2, 3, 1, 2, 3, ...) so that all see the same machine."""
     runs: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(b.warmup):
         for step in steps.values():
-            step(v1, v2)
+            step(*args)
     for _ in range(b.repeats):
         for name, step in steps.items():
             t0 = time.perf_counter()
-            step(v1, v2)
+            step(*args)
             runs[name].append(time.perf_counter() - t0)
-    base = median(runs["fp32"])
-    picked = {(x, y): name for name, x, y in FORMATS}[resolve_precision("auto", None, b.device)]
-    return {"variants": {name: {"images_per_s": b.batch / median(r), "ratio": base / median(r), "runs_s": r}
-                         for name, r in runs.items()},
+    return runs
+
+
+def bench_formats(b: Bench) -> dict:
+    """The model step of `bench_model` in each number format and memory format (`FORMATS`), each its own model
+    from the same initial weights, their timed steps taken in turn (`in_turn`); images/s, and the ratio to fp32
+    in the default format. `classifier`: the same for fine-tuning's step (`ClassifierStep`, a batch of
+    `finetune.batch_size` images). `picked`: what `pretrain.precision: auto` and `pretrain.channels_last: null`
+    (and fine-tuning's `finetune.precision` / `channels_last` at their defaults) resolve to on this device (the
+    precision module's rule, without the per-model fallback), for comparing with the fastest measured."""
+    from pretrain.precision import cpu_capability, resolve_precision
+
+    def variants(runs: dict[str, list[float]], images: int) -> dict:
+        base = median(runs["fp32"])
+        return {name: {"images_per_s": images / median(r), "ratio": base / median(r), "runs_s": r}
+                for name, r in runs.items()}
+
+    v1, v2 = views_in_memory(b)
+    simclr = in_turn({name: Step(b, b.batch, bf16=bf16, channels_last=cl) for name, bf16, cl in FORMATS}, (v1, v2), b)
+    n = min(b.cfg.finetune.batch_size, b.batch)
+    x, y = v1[:n], (torch.arange(n) % 10).to(b.device)
+    tuned = in_turn({name: ClassifierStep(b, bf16, cl) for name, bf16, cl in FORMATS}, (x, y), b)
+    picked = {(bf16, cl): name for name, bf16, cl in FORMATS}[resolve_precision("auto", None, b.device)]
+    return {"variants": variants(simclr, b.batch),
+            "classifier": {"batch": n, "variants": variants(tuned, n)},
             "picked": picked,
             "cpu_capability": cpu_capability() if b.device.type == "cpu" else None}
 

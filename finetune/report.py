@@ -260,6 +260,10 @@ def to_markdown(report: dict[str, Any]) -> str:
            if wise != 1.0 else [])
     if how:
         lines.append(f"Fine-tuning from the encoder (`finetune`, and the model `semi` starts from) {' and '.join(how)}.")
+    if report.get("precision"):
+        lines.append(f"The trained methods ran in {'bf16 autocast' if report['precision'] == 'bf16' else 'fp32'}"
+                     + (", in the channels-last memory format" if report.get("channels_last") else "")
+                     + " (`finetune.precision`, `finetune.channels_last`).")
     if report.get("semi_method"):
         student = ("; its student is a freshly initialised network (`finetune.distill_student=scratch`), taught "
                    "by each seed's `finetune` model" if report.get("semi_student") == "scratch"

@@ -175,6 +175,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     trained = [{**j, "methods": [m for m in j["methods"] if m in TRAINED]} for j in subsets]
     trained = [j for j in trained if j["methods"]]
     best: dict[float, dict[str, Any]] = {}
+    formats: dict[str, Any] = {}  # what finetune.precision / channels_last resolved to where the trained methods ran
     mode, workers = execution_mode(cfg, manifest)
     if trained:
         run_cfg = copy.deepcopy(cfg)
@@ -215,6 +216,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
         for out in outs:
             results += out["results"]
             best.update(out["best"])  # at most one per fraction: the fixed rule's (finetune.supervised.SELECTION)
+            formats = out.get("formats") or formats
 
     # ---- rows, the shipped classifiers, the report
     accs: dict[tuple[str, float, str], list[float]] = defaultdict(list)
@@ -254,7 +256,7 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
            if "semi" in ft.methods and ft.semi_method == "distill" else {}),
         **({"probe_epochs": ft.probe_epochs, "backbone_lr_scale": ft.backbone_lr_scale, "wise_alpha": ft.wise_alpha}
            if {"finetune", "semi"} & set(ft.methods) else {}),
-        start_from=ft.start_from, test_samples=len(test_keys), classes=classes, classifiers=saved,
+        **formats, start_from=ft.start_from, test_samples=len(test_keys), classes=classes, classifiers=saved,
         encoder_knn_acc=(meta or {}).get("knn_acc"), encode_s=round(encode_s, 2), shards=str(cfg.data.shards),
         num_workers=workers, execution=mode, image_size=size, pixels_max_samples=ft.pixels_max_samples,
         **({"semi_heldout": heldout} if heldout else {}))

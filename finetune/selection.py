@@ -327,12 +327,14 @@ def selection_loop(config: dict[str, Any]) -> dict[str, Any]:
         groups.setdefault(job.get("selection", BALANCED), []).append(job)
     results: list[dict[str, Any]] = []
     best: dict[float, dict[str, Any]] = {}
+    formats: dict[str, Any] = {}
     for selection, jobs in groups.items():
         with _tagged_reports(selection):
             out = supervised_loop({**config, "jobs": jobs})
+        formats = out["formats"]
         for r in out["results"]:
             r["selection"] = selection
         results += out["results"]
         if selection == BALANCED:
             best.update(out["best"])
-    return {"results": results, "best": best}
+    return {"results": results, "best": best, "formats": formats}

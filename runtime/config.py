@@ -296,6 +296,11 @@ class FinetuneConfig:
     pixels_max_samples: int = _opt(20000, "pixels: fit on a seeded sample of this many labeled images when more")
     fixmatch_threshold: float = _opt(0.9, "fixmatch: confidence a pseudo-label needs to count")
     fixmatch_unlabeled_ratio: int = _opt(4, "fixmatch: unlabeled batch = this x the labeled batch (mu)")
+    precision: Literal["auto", "bf16", "fp32"] = _opt(
+        "auto", "scratch, finetune and semi's training and prediction: auto: bf16 autocast where pretrain.precision "
+        "auto picks it (GPU, native-bf16 CPU), else fp32")
+    channels_last: bool | None = _opt(None, "the classifier in the channels-last memory format; null: where "
+                                            "pretrain.channels_last null picks it")
     parallel: Literal["auto", "local", "tasks", "train"] = _opt(
         "auto", "tasks: a Ray task per labeled subset; train: Ray Train DDP; local: this process; auto: train "
         "when finetune.num_workers >= 2, else tasks when trainer.num_workers >= 2 (train for > 100,000 unlabeled), "

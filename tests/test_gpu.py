@@ -175,6 +175,7 @@ def test_every_finetune_method_on_the_gpu_then_predict(gpu_run, shards, tmp_path
               "trainer.use_gpu=true", workers, f"finetune.parallel={mode}"]))
     report = json.loads((out / "report.json").read_text())
     assert report["execution"] == mode and report["semi_method"] == semi_method
+    assert (report["precision"], report["channels_last"]) == ("bf16", True)  # auto / null on a GPU
     assert {r["method"] for r in report["results"]} == {"pixels", "scratch", "knn", "linear", "finetune", "semi"}
     assert all(0.0 <= r["accuracy_mean"] <= 1.0 for r in report["results"])
     (model,) = list((out / "classifiers").iterdir())
