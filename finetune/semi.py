@@ -249,16 +249,7 @@ def fit_head(net: nn.Module, feats: torch.Tensor, targets: torch.Tensor, *, epoc
              lr: float, weight_decay: float, seed: int, device: str | torch.device = "cpu") -> None:
     """Soft-label cross-entropy of the classifier's head (`hidden` + `fc`) on fixed backbone features:
     `epochs` passes in batches of `batch_size`, SGD with a cosine lr. The same on every rank (same seed, same
-    features): the head's weights stay identical across DDP ranks without a gradient exchange. In fp32 even inside
-    a caller's bf16 autocast: it costs little, and in bf16 a linear probe on the features of a random encoder
-    (close together) fell from 54 % to 19 % (tests/test_finetune.py's LP-FT test)."""
-    with torch.autocast(torch.device(device).type, enabled=False):
-        _fit_head(net, feats.float(), targets.float(), epochs=epochs, batch_size=batch_size, lr=lr,
-                  weight_decay=weight_decay, seed=seed, device=device)
-
-
-def _fit_head(net: nn.Module, feats: torch.Tensor, targets: torch.Tensor, *, epochs: int, batch_size: int,
-              lr: float, weight_decay: float, seed: int, device: str | torch.device) -> None:
+    features): the head's weights stay identical across DDP ranks without a gradient exchange."""
     params = [*net.hidden.parameters(), *net.fc.parameters()]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     n = len(feats)

@@ -74,7 +74,10 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     # CPUs, channels_last alone on AVX2 CPUs), unless this network at this size sees 1x1 maps (pretrain/precision.py)
     use_bf16, channels_last = resolve_for_model(ft.precision, ft.channels_last, clf.build_classifier(arch),
                                                 int(arch["in_chans"]), size, device)
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16)
+    # one context around many steps: without its cache of bf16 weight copies, which would keep the first step's
+    # weights for every later forward pass (measured: bf16 fine-tuning then stayed at chance)
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16,
+                              cache_enabled=False)
     fp32 = torch.autocast(device_type=torch.device(device).type, enabled=False)
 
     def place(model: torch.nn.Module) -> torch.nn.Module:

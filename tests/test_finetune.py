@@ -457,17 +457,18 @@ def test_lp_ft_probes_the_head_then_fine_tunes_and_never_touches_scratch(data, t
 
 def test_fine_tuning_runs_in_the_precision_and_memory_format_asked_for_and_says_so(data, run, tmp_path):
     """finetune.precision / channels_last: explicit bf16 + channels_last trains in bf16 autocast (the shipped
-    weights differ from fp32's on the same subset and seed, and stay fp32 tensors), report.json and report.md
-    say what ran; the defaults (auto / null) record what pretrain.precision.resolve_for_model picks for this
-    network, size and CPU (the tiny encoder on 8 px digits sees 1x1 maps: fp32, the default format)."""
+    weights differ from fp32's on the same subset and seed, and stay fp32 tensors) and learns (a first version
+    kept autocast's cached bf16 copy of the first step's weights for every later step: it stayed at chance; how
+    bf16 compares with fp32 on real encoders is measured in bench/README.md); report.json and report.md say what ran; the defaults (auto / null) record what
+    pretrain.precision.resolve_for_model picks for this network, size and CPU."""
     from finetune.classifier import build_classifier
     from pretrain.precision import resolve_for_model
 
     enc = _encoder(tmp_path / "enc16", data["manifest"], image_size=16)  # 2x2 maps at its smallest
-    args = ["finetune.methods=[finetune]", "finetune.fractions=[0.1]", "finetune.num_seeds=1", "finetune.epochs=2",
+    args = ["finetune.methods=[finetune]", "finetune.fractions=[0.1]", "finetune.num_seeds=1", "finetune.epochs=10",
             "finetune.full_fraction_methods=[]", "trainer.num_workers=0", "trainer.torch_threads=1",
             "wandb.enabled=false", f"encoder={enc}", f"data.shards={data['shards']}"]
-    shipped = {}
+    shipped, accuracy = {}, {}
     for precision, cl in (("bf16", "true"), ("fp32", "false")):
         out = tmp_path / precision
         assert selfsup(["finetune", f"output_dir={out}", *args, f"finetune.precision={precision}",
@@ -476,8 +477,9 @@ def test_fine_tuning_runs_in_the_precision_and_memory_format_asked_for_and_says_
         assert (report["precision"], report["channels_last"]) == (precision, cl == "true")
         said = "bf16 autocast, in the channels-last memory format" if precision == "bf16" else "in fp32 ("
         assert said in (out / "report.md").read_text()
-        assert 0.0 < report["results"][0]["accuracy_mean"] <= 1.0
+        accuracy[precision] = report["results"][0]["accuracy_mean"]
         shipped[precision] = load_file(str(out / "classifiers" / "finetune-0.1" / "model.safetensors"))
+    assert min(accuracy.values()) > 0.25  # chance: 0.1; measured 0.40 (fp32), 0.29 (bf16) from a random encoder
     weights = [k for k, v in shipped["fp32"].items() if v.is_floating_point()]
     assert all(shipped["bf16"][k].dtype == torch.float32 for k in weights)
     assert any(not torch.equal(shipped["bf16"][k], shipped["fp32"][k]) for k in weights if k.endswith("weight"))
