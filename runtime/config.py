@@ -297,8 +297,8 @@ class FinetuneConfig:
     fixmatch_threshold: float = _opt(0.9, "fixmatch: confidence a pseudo-label needs to count")
     fixmatch_unlabeled_ratio: int = _opt(4, "fixmatch: unlabeled batch = this x the labeled batch (mu)")
     precision: Literal["auto", "bf16", "fp32"] = _opt(
-        "auto", "scratch, finetune and semi's training and prediction: auto: bf16 autocast where pretrain.precision "
-        "auto picks it (GPU, native-bf16 CPU), else fp32")
+        "auto", "scratch, finetune and semi's training (the test split is scored in fp32): auto: bf16 autocast "
+        "where pretrain.precision auto picks it (GPU, native-bf16 CPU), else fp32")
     channels_last: bool | None = _opt(None, "the classifier in the channels-last memory format; null: where "
                                             "pretrain.channels_last null picks it")
     parallel: Literal["auto", "local", "tasks", "train"] = _opt(
