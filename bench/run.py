@@ -403,15 +403,11 @@ class ClassifierStep:
         import torch.nn.functional as F
 
         from finetune import classifier as clf
-        from pretrain.model import build_model
+        from pretrain.model import build_model, encoder_meta
 
         torch.manual_seed(0)
         enc = build_model(b.cfg.model, b.channels)
-        arch = {"model": b.cfg.model.name, "timm_kwargs": dict(b.cfg.model.timm_kwargs), "in_chans": b.channels,
-                "stem": b.cfg.model.stem, "num_features": enc.num_features, "start_from": "head",
-                "num_classes": num_classes, "head": {"hidden_dim": b.cfg.model.proj_hidden_dim,
-                                                     "output_dim": b.cfg.model.proj_output_dim,
-                                                     "num_layers": b.cfg.model.proj_layers}}
+        arch = clf.architecture(encoder_meta(b.cfg, b.manifest, enc, epochs=0, knn_acc=None), num_classes, "head")
         fmt = torch.channels_last if channels_last else torch.preserve_format
         self.model = clf.build_classifier(arch, enc.backbone, enc.head).to(b.device, memory_format=fmt).train()
         ft = b.cfg.finetune

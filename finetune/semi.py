@@ -97,7 +97,7 @@ def propagate(features: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num
 def knn_graph(features: np.ndarray, k: int, power: float = 3.0, max_block: int = 2 ** 24):
     """D^-1/2 W D^-1/2 for W the symmetrised kNN graph (W + W^T) of the L2-normalised features, weighted by
     max(cos, 0)**power; built in row chunks of at most `max_block` similarities (64 MiB), so memory is
-    O(n k), not O(n^2). In fp32 even inside a caller's bf16 autocast (fine-tuning's `finetune.precision`)."""
+    O(n k), not O(n^2)."""
     from scipy import sparse
 
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
@@ -106,8 +106,7 @@ def knn_graph(features: np.ndarray, k: int, power: float = 3.0, max_block: int =
     chunk = max(1, min(n, max_block // max(1, n)))
     rows, cols, vals = [], [], []
     for i in range(0, n, chunk):
-        with torch.autocast("cpu", enabled=False):
-            sim = x[i:i + chunk] @ x.T
+        sim = x[i:i + chunk] @ x.T
         sim[torch.arange(len(sim)), torch.arange(i, i + len(sim))] = -2.0  # no self-loops
         v, j = sim.topk(k, dim=1)
         rows.append(np.repeat(np.arange(i, i + len(sim)), k))

@@ -74,17 +74,18 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
     # CPUs, channels_last alone on AVX2 CPUs), unless this network at this size sees 1x1 maps (pretrain/precision.py)
     use_bf16, channels_last = resolve_for_model(ft.precision, ft.channels_last, clf.build_classifier(arch),
                                                 int(arch["in_chans"]), size, device)
-    # one context around many steps: without its cache of bf16 weight copies, which would keep the first step's
-    # weights for every later forward pass (measured: bf16 fine-tuning then stayed at chance)
+    # around the training below (fit, distill, fixmatch), each context many steps long: without autocast's cache of
+    # bf16 weight copies, which would keep the first step's weights for every later forward pass (measured: bf16
+    # fine-tuning then stayed at chance). Label spreading and the scoring of the test split stay fp32.
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16,
                               cache_enabled=False)
-    fp32 = torch.autocast(device_type=torch.device(device).type, enabled=False)
 
     def place(model: torch.nn.Module) -> torch.nn.Module:
         """On this worker's device, in the memory format picked (DDP under Ray Train)."""
         fmt = torch.channels_last if channels_last else torch.preserve_format
         return _distribute(model.to(device, memory_format=fmt), sess)
 
+    @autocast
     def fit(model: torch.nn.Module, xl, yl, seed: int, fraction: float, keys: list[str],
             pretrained: bool = True) -> torch.nn.Module:
         """Train `model` on the labeled subset (in memory, or streamed from the shards); `pretrained`: it starts
@@ -129,92 +130,93 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                  weight_decay=ft.weight_decay, seed=seed, device=device)
 
     results, best = [], {}
-    with autocast:  # training and its predictions below (not the test split's); parameters and the state stay fp32
-        for job in config["jobs"]:
-            seed, fraction = job["seed"], job["fraction"]
-            xl = yl = None
-            if len(job["keys"]) > bound:
-                pass  # streamed by `fit`
-            elif held:
-                idx = torch.tensor([labeled_x[k] for k in job["keys"] if k in labeled_x], dtype=torch.long)
-                xl, yl = held_x[idx], held_y[idx]
+    for job in config["jobs"]:
+        seed, fraction = job["seed"], job["fraction"]
+        xl = yl = None
+        if len(job["keys"]) > bound:
+            pass  # streamed by `fit`
+        elif held:
+            idx = torch.tensor([labeled_x[k] for k in job["keys"] if k in labeled_x], dtype=torch.long)
+            xl, yl = held_x[idx], held_y[idx]
+        else:
+            xl, yl = labeled_images(cfg.data.shards, job["keys"], size)
+        n_labels = len(job["keys"])
+        tuned, tuned_s = None, 0.0  # this subset's fine-tuned model: `semi` starts from it
+        for method in job["methods"]:
+            torch.manual_seed(seed)
+            t = time.perf_counter()
+            reused = tuned is not None
+            if method == "scratch":
+                model = fit(clf.build_classifier(arch), xl, yl, seed, fraction, job["keys"], pretrained=False)
             else:
-                xl, yl = labeled_images(cfg.data.shards, job["keys"], size)
-            n_labels = len(job["keys"])
-            tuned, tuned_s = None, 0.0  # this subset's fine-tuned model: `semi` starts from it
-            for method in job["methods"]:
-                torch.manual_seed(seed)
-                t = time.perf_counter()
-                reused = tuned is not None
-                if method == "scratch":
-                    model = fit(clf.build_classifier(arch), xl, yl, seed, fraction, job["keys"], pretrained=False)
-                else:
-                    if tuned is None:
-                        tuned = fit(clf.build_classifier(arch, copy.deepcopy(backbone), copy.deepcopy(head)),
-                                    xl, yl, seed, fraction, job["keys"])
-                        tuned_s = time.perf_counter() - t
-                    model = tuned
-                    fresh = method == "semi" and ft.semi_method == "distill" and ft.distill_student == "scratch"
-                    if method == "semi":
-                        student = clf.build_classifier(arch) if fresh else copy.deepcopy(unwrap(tuned))
-                        model = place(student)
-                    if method == "semi" and ft.semi_method == "distill":
-                        # pool indices of the subset's labeled images that the pool holds (all of a small subset)
-                        labeled = np.array([pool["index"][k] for k in job["keys"] if k in pool["index"]], dtype=np.int64)
-                        pool_y = pool["labels"][labeled].numpy()
-                        soft = propagate(teacher_features(ft.spread_features, pool, unwrap(tuned), mean, std, device),
-                                         labeled, pool_y, int(arch["num_classes"]),
-                                         k=ft.spread_k, alpha=ft.spread_alpha, prior=ft.spread_prior)
-                        # an ensemble's first member is the fine-tuned model, which the student still equals here
-                        teachers = [unwrap(tuned)] if fresh else [unwrap(model)] if ft.teacher_models > 1 else []
-                        for i in range(1, ft.teacher_models):  # the ensemble teacher's other members
-                            torch.manual_seed(ensemble_seed(seed, i))
-                            teachers.append(unwrap(fit(clf.build_classifier(arch, copy.deepcopy(backbone),
-                                                                            copy.deepcopy(head)),
-                                                       xl, yl, ensemble_seed(seed, i), fraction, job["keys"])))
+                if tuned is None:
+                    tuned = fit(clf.build_classifier(arch, copy.deepcopy(backbone), copy.deepcopy(head)),
+                                xl, yl, seed, fraction, job["keys"])
+                    tuned_s = time.perf_counter() - t
+                model = tuned
+                fresh = method == "semi" and ft.semi_method == "distill" and ft.distill_student == "scratch"
+                if method == "semi":
+                    student = clf.build_classifier(arch) if fresh else copy.deepcopy(unwrap(tuned))
+                    model = place(student)
+                if method == "semi" and ft.semi_method == "distill":
+                    # pool indices of the subset's labeled images that the pool holds (all of a small subset)
+                    labeled = np.array([pool["index"][k] for k in job["keys"] if k in pool["index"]], dtype=np.int64)
+                    pool_y = pool["labels"][labeled].numpy()
+                    with autocast:
+                        feats = teacher_features(ft.spread_features, pool, unwrap(tuned), mean, std, device)
+                    soft = propagate(feats, labeled, pool_y, int(arch["num_classes"]),
+                                     k=ft.spread_k, alpha=ft.spread_alpha, prior=ft.spread_prior)
+                    # an ensemble's first member is the fine-tuned model, which the student still equals here
+                    teachers = [unwrap(tuned)] if fresh else [unwrap(model)] if ft.teacher_models > 1 else []
+                    for i in range(1, ft.teacher_models):  # the ensemble teacher's other members
+                        torch.manual_seed(ensemble_seed(seed, i))
+                        teachers.append(unwrap(fit(clf.build_classifier(arch, copy.deepcopy(backbone),
+                                                                        copy.deepcopy(head)),
+                                                   xl, yl, ensemble_seed(seed, i), fraction, job["keys"])))
+                    with autocast:
                         stats = distill(model, pool["images"], soft, labeled, pool_y, augs["mild"],
                                         rounds=ft.distill_rounds, epochs=ft.semi_epochs, batch_size=ft.batch_size,
                                         lr=ft.semi_lr, weight_decay=ft.weight_decay, seed=seed, mean=mean, std=std,
                                         rank=rank, world_size=world, device=device,
                                         head_epochs=0 if fresh else ft.distill_head_epochs, teachers=teachers,
                                         bn_stats=ft.distill_bn_stats)
-                        stats["heldout"] = heldout_accuracy(pool, set(job["keys"]), soft, stats)
-                    elif method == "semi":
-                        loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],
-                                             batch_size=max(1, config["unlabeled_batch"] // world), rank=rank,
-                                             world_size=world, seed=seed, num_workers=cfg.data.loader_workers,
-                                             image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
-                        labeled_loader = None if xl is not None else ShardLoader(
-                            cfg.data.shards, splits="train", keys=job["keys"], batch_size=max(1, ft.batch_size // world),
-                            rank=rank, world_size=world, seed=seed, image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
+                    stats["heldout"] = heldout_accuracy(pool, set(job["keys"]), soft, stats)
+                elif method == "semi":
+                    loader = ShardLoader(cfg.data.shards, splits=config["unlabeled_splits"],
+                                         batch_size=max(1, config["unlabeled_batch"] // world), rank=rank,
+                                         world_size=world, seed=seed, num_workers=cfg.data.loader_workers,
+                                         image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
+                    labeled_loader = None if xl is not None else ShardLoader(
+                        cfg.data.shards, splits="train", keys=job["keys"], batch_size=max(1, ft.batch_size // world),
+                        rank=rank, world_size=world, seed=seed, image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
+                    with autocast:
                         stats = fixmatch(model, xl, yl, loader, augs["weak"], augs["strong"], epochs=ft.semi_epochs,
-                                         labeled_loader=labeled_loader,
-                                         batch_size=ft.batch_size, lr=ft.semi_lr, weight_decay=ft.weight_decay,
-                                         threshold=ft.fixmatch_threshold, seed=seed, rank=rank, world_size=world, device=device)
-                net = unwrap(model)
-                with fp32:  # the test split is scored as `selfsup predict` will run the shipped model
-                    pred = stream_predict(lambda x, net=net: clf.predict_logits(net, x, mean, std, device=device)
-                                          .argmax(1).numpy(), cfg.data.shards, size)
-                acc = float((pred == config["test_labels"]).mean())
-                # semi's cost includes the fine-tuning it starts from, even when `finetune` paid for it first
-                seconds = time.perf_counter() - t + (tuned_s if method == "semi" and reused else 0.0)
-                row = {"method": method, "fraction": fraction, "seed_index": job["seed_index"], "accuracy": acc,
-                       "pred": pred.astype(np.int64), "seconds": seconds}
-                if method == "semi":
-                    row.update({k: round(stats[k], 4) for k in ("mask_rate", "model_weight") if k in stats})
-                    if "heldout" in stats:
-                        row["heldout"] = stats["heldout"]
-                results.append(row)
-                if config.get("report_runs"):  # the driver's display follows the runs (every rank reports)
-                    sess.report({"run": {k: v for k, v in row.items() if k != "pred"}, "labels": n_labels})
-                elif rank == 0:
-                    print(f"{method:>8}  fraction {fraction:<5g} seed {job['seed_index']}  labels {n_labels:>5}  "
-                          f"acc {acc:.4f}  ({seconds:.1f}s)", flush=True)
-                if job["seed_index"] == SHIP_SEED_INDEX and method == shipped_method(job["methods"]):
-                    # the shipped model is fixed before any test accuracy exists (SELECTION)
-                    # numpy, not tensors: Ray Train cannot return tensors from a worker
-                    best[fraction] = {**row, "state": {k: v.detach().cpu().numpy().copy()
-                                                       for k, v in unwrap(model).state_dict().items()}}
+                                         labeled_loader=labeled_loader, batch_size=ft.batch_size, lr=ft.semi_lr,
+                                         weight_decay=ft.weight_decay, threshold=ft.fixmatch_threshold, seed=seed,
+                                         rank=rank, world_size=world, device=device)
+            net = unwrap(model)
+            pred = stream_predict(lambda x, net=net: clf.predict_logits(net, x, mean, std, device=device).argmax(1).numpy(),
+                                  cfg.data.shards, size)
+            acc = float((pred == config["test_labels"]).mean())
+            # semi's cost includes the fine-tuning it starts from, even when `finetune` paid for it first
+            seconds = time.perf_counter() - t + (tuned_s if method == "semi" and reused else 0.0)
+            row = {"method": method, "fraction": fraction, "seed_index": job["seed_index"], "accuracy": acc,
+                   "pred": pred.astype(np.int64), "seconds": seconds}
+            if method == "semi":
+                row.update({k: round(stats[k], 4) for k in ("mask_rate", "model_weight") if k in stats})
+                if "heldout" in stats:
+                    row["heldout"] = stats["heldout"]
+            results.append(row)
+            if config.get("report_runs"):  # the driver's display follows the runs (every rank reports)
+                sess.report({"run": {k: v for k, v in row.items() if k != "pred"}, "labels": n_labels})
+            elif rank == 0:
+                print(f"{method:>8}  fraction {fraction:<5g} seed {job['seed_index']}  labels {n_labels:>5}  "
+                      f"acc {acc:.4f}  ({seconds:.1f}s)", flush=True)
+            if job["seed_index"] == SHIP_SEED_INDEX and method == shipped_method(job["methods"]):
+                # the shipped model is fixed before any test accuracy exists (SELECTION)
+                # numpy, not tensors: Ray Train cannot return tensors from a worker
+                best[fraction] = {**row, "state": {k: v.detach().cpu().numpy().copy()
+                                                   for k, v in unwrap(model).state_dict().items()}}
     return {"results": results, "best": best,
             "formats": {"precision": "bf16" if use_bf16 else "fp32", "channels_last": channels_last}}
 
