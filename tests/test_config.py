@@ -102,6 +102,9 @@ def test_shipped_configs_carry_no_stale_field_description(path, capsys):
     raw = yaml.safe_load(path.read_text())
     fields = {k for k, _ in _walk_fields(Config)}
     assert set(_yaml_keys(raw)) <= fields, set(_yaml_keys(raw)) - fields
+    # each file's header says "Every key is listed": a user reads the whole surface in the file they copy
+    assert "Every key is listed" in path.read_text()
+    assert fields <= set(_yaml_keys(raw)), f"{path.name} does not list {sorted(fields - set(_yaml_keys(raw)))}"
     load_config(path)
     assert "deprecated" not in capsys.readouterr().err
     defaults = to_dict(Config())
