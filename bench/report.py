@@ -44,9 +44,9 @@ def table(r: dict) -> str:
         for name, v in f["variants"].items():
             add("formats", f"fwd+bwd+step, in memory, {name}", v["images_per_s"],
                 f"img/s ({v['ratio']:.3g}x fp32)")
-        if "classifier" in f:
-            for name, v in f["classifier"]["variants"].items():
-                add("formats", f"fine-tuning step, batch {f['classifier']['batch']}, {name}", v["images_per_s"],
+        for part, what in (("classifier", "fine-tuning step"), ("encode", "frozen encode (knn/linear)")):
+            for name, v in f.get(part, {}).get("variants", {}).items():
+                add("formats", f"{what}, batch {f[part]['batch']}, {name}", v["images_per_s"],
                     f"img/s ({v['ratio']:.3g}x fp32)")
         rows.append(("formats", "what auto/null pick here", f["picked"]
                      + (f" (CPU capability {f['cpu_capability']})" if f.get("cpu_capability") else "")))

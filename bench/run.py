@@ -425,6 +425,26 @@ class ClassifierStep:
         return float(loss.detach())
 
 
+class EncodeStep:
+    """One batch of the frozen encoder's features as `finetune.encode.encode_part` computes them for `knn` and
+    `linear`: the backbone in eval mode, no gradient, float32 features out."""
+
+    def __init__(self, b: Bench, bf16: bool, channels_last: bool):
+        from pretrain.model import build_model
+
+        torch.manual_seed(0)
+        self.fmt = torch.channels_last if channels_last else torch.preserve_format
+        self.model = build_model(b.cfg.model, b.channels).backbone.to(b.device, memory_format=self.fmt).eval()
+        self.autocast = torch.autocast(b.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
+        self.device = b.device
+
+    def __call__(self, x: torch.Tensor) -> float:
+        with torch.no_grad(), self.autocast:
+            f = self.model(x.contiguous(memory_format=self.fmt)).float()
+        sync(self.device)
+        return float(f[0, 0])
+
+
 def in_turn(steps: dict[str, Any], args: tuple, b: Bench) -> dict[str, list[float]]:
     """Each step's timed runs, taken in turn (1, 2, 3, 1, 2, 3, ...) so that all see the same machine."""
     runs: dict[str, list[float]] = {name: [] for name in steps}
@@ -443,7 +463,8 @@ def bench_formats(b: Bench) -> dict:
     """The model step of `bench_model` in each number format and memory format (`FORMATS`), each its own model
     from the same initial weights, their timed steps taken in turn (`in_turn`); images/s, and the ratio to fp32
     in the default format. `classifier`: the same for fine-tuning's step (`ClassifierStep`, a batch of
-    `finetune.batch_size` images). `picked`: what `pretrain.precision: auto` and `pretrain.channels_last: null`
+    `finetune.batch_size` images); `encode`: for the frozen encoder's forward pass of knn/linear (`EncodeStep`,
+    a batch of `finetune.encode.BATCH` images). `picked`: what `pretrain.precision: auto` and `pretrain.channels_last: null`
     (and fine-tuning's `finetune.precision` / `channels_last` at their defaults) resolve to on this device (the
     precision module's rule, without the per-model fallback), for comparing with the fastest measured."""
     from pretrain.precision import cpu_capability, resolve_precision
@@ -458,9 +479,14 @@ def bench_formats(b: Bench) -> dict:
     n = min(b.cfg.finetune.batch_size, b.batch)
     x, y = v1[:n], (torch.arange(n) % 10).to(b.device)
     tuned = in_turn({name: ClassifierStep(b, bf16, cl) for name, bf16, cl in FORMATS}, (x, y), b)
+    from finetune.encode import BATCH
+
+    xe = torch.randn((BATCH, b.channels, b.image_size, b.image_size), generator=torch.Generator().manual_seed(1))
+    encoded = in_turn({name: EncodeStep(b, bf16, cl) for name, bf16, cl in FORMATS}, (xe.to(b.device),), b)
     picked = {(bf16, cl): name for name, bf16, cl in FORMATS}[resolve_precision("auto", None, b.device)]
     return {"variants": variants(simclr, b.batch),
             "classifier": {"batch": n, "variants": variants(tuned, n)},
+            "encode": {"batch": BATCH, "variants": variants(encoded, BATCH)},
             "picked": picked,
             "cpu_capability": cpu_capability() if b.device.type == "cpu" else None}
 

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from finetune import classifier as clf
-from finetune.data import encode_keys, labeled_images, sample_of, stream_predict, test_index
+from finetune.data import labeled_images, sample_of, stream_predict, test_index
 from finetune.embedding import FILE as EMBEDDING_FILE
 from finetune.embedding import write_embedding
+from finetune.encode import encode_split
 from finetune.linear import knn_method_predict, linear_predict
 from finetune.pixels import pixels_fit, pixels_predict_with
 from finetune.predict import save_classifier
@@ -39,7 +40,7 @@ from pretrain.model import check_compatible, load_encoder
 from runtime.config import METHODS, Config, save_config
 from runtime.console import Progress
 from runtime.errors import UserError
-from runtime.launch import run_tasks, run_training
+from runtime.launch import one_cluster, run_tasks, run_training
 from runtime.tracking import init_tracking
 from shards.manifest import read_manifest
 from shards.splits import split_index
@@ -88,6 +89,11 @@ def execution_mode(cfg: Config, manifest: dict) -> tuple[str, int]:
 
 
 def run_finetune(cfg: Config) -> dict[str, Any]:
+    with one_cluster():  # the frozen encodes and the trained methods share one cluster (when they use one)
+        return _finetune(cfg)
+
+
+def _finetune(cfg: Config) -> dict[str, Any]:
     ft = cfg.finetune
     out_dir = Path(cfg.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -135,18 +141,22 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     # one display for the stage: runs done / total with time left, and a line as each run finishes
     progress = Progress("finetune", sum(len(j["methods"]) for j in subsets), unit="runs")
 
-    # ---- cheap methods, here: pixels, and knn/linear on features encoded once (streamed) for every subset
+    # ---- cheap methods, here: pixels, and knn/linear on features encoded once (streamed) for every subset, on
+    # the cluster when the trained methods run there (finetune/encode.py)
+    mode, workers = execution_mode(cfg, manifest)
     results: list[dict[str, Any]] = []
     encode_s = 0.0
+    encoded: dict[str, Any] = {}  # where and in which formats the frozen features were computed
     pixel_fits: dict[float, int] = {}  # fraction -> labeled images the pixel fit used, where it was a sample
     frozen = [j for j in subsets if any(m in ("knn", "linear") for m in j["methods"])]
     if frozen:
         t = time.perf_counter()
         wanted = {k for j in frozen for k in j["keys"]}
-        feats, feat_y, feat_keys = encode_keys(backbone, cfg.data.shards, "train",
-                                          None if len(wanted) == len(train_keys) else sorted(wanted), size, mean, std)
+        on_cluster = mode != "local"
+        feats, feat_y, feat_keys, encoded = encode_split(
+            backbone, cfg, "train", None if len(wanted) == len(train_keys) else wanted, size, mean, std, on_cluster)
         row_of = {k: i for i, k in enumerate(feat_keys)}
-        test_feats, _, _ = encode_keys(backbone, cfg.data.shards, "test", None, size, mean, std)
+        test_feats, _, _, _ = encode_split(backbone, cfg, "test", None, size, mean, std, on_cluster)
         encode_s = time.perf_counter() - t
     for job in subsets:
         for method in [m for m in job["methods"] if m not in TRAINED]:
@@ -176,7 +186,6 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
     trained = [j for j in trained if j["methods"]]
     best: dict[float, dict[str, Any]] = {}
     formats: dict[str, Any] = {}  # what finetune.precision / channels_last resolved to where the trained methods ran
-    mode, workers = execution_mode(cfg, manifest)
     if trained:
         run_cfg = copy.deepcopy(cfg)
         if mode != "tasks":  # tasks: trainer.num_workers sizes the local cluster the tasks share
@@ -257,7 +266,8 @@ def run_finetune(cfg: Config) -> dict[str, Any]:
         **({"probe_epochs": ft.probe_epochs, "backbone_lr_scale": ft.backbone_lr_scale, "wise_alpha": ft.wise_alpha}
            if {"finetune", "semi"} & set(ft.methods) else {}),
         **formats, start_from=ft.start_from, test_samples=len(test_keys), classes=classes, classifiers=saved,
-        encoder_knn_acc=(meta or {}).get("knn_acc"), encode_s=round(encode_s, 2), shards=str(cfg.data.shards),
+        encoder_knn_acc=(meta or {}).get("knn_acc"), encode_s=round(encode_s, 2),
+        **({"encode": encoded} if encoded else {}), shards=str(cfg.data.shards),
         num_workers=workers, execution=mode, image_size=size, pixels_max_samples=ft.pixels_max_samples,
         **({"semi_heldout": heldout} if heldout else {}))
     embedding = None

@@ -229,22 +229,33 @@ def one_cluster() -> Iterator[None]:
 def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]], cfg: Any, name: str,
               on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
     """Run `loop_fn(c)` for every config in `loop_configs` as its own Ray task, many at once; return their
-    results in order; `on_done(i, result)` is called as each one finishes. Each task is the local mode (rank 0 of 1) on `trainer.resources_per_worker` (default one
-    CPU, plus one GPU with `trainer.use_gpu`) and as many torch threads as CPUs, so Ray runs as many tasks at
-    once as the cluster has room for. For many small independent runs (labeled subsets) this beats spreading
-    each run over DDP workers: no gradient traffic, no idle ranks. Task failures are retried by Ray."""
+    results in order; `on_done(i, result)` is called as each one finishes. Each task is the local mode (rank 0
+    of 1) on `trainer.resources_per_worker` (default one CPU, plus one GPU with `trainer.use_gpu`) and as many
+    torch threads as CPUs, so Ray runs as many tasks at once as the cluster has room for. For many small
+    independent runs (labeled subsets) this beats spreading each run over DDP workers: no gradient traffic, no
+    idle ranks. Task failures are retried by Ray."""
+    task_cfg = copy.deepcopy(cfg)
+    task_cfg.trainer.num_workers = 0
+    task_cfg.trainer.torch_threads = task_threads(cfg.trainer)
+    return map_tasks(_task, [(loop_fn, c, task_cfg, f"{name}-{i}") for i, c in enumerate(loop_configs)], cfg,
+                     name, on_done)
+
+
+def map_tasks(fn: Callable[..., Any], calls: list[tuple[Any, ...]], cfg: Any, name: str,
+              on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
+    """`[fn(*args) for args in calls]`, each call a Ray task on `trainer.resources_per_worker` (see
+    `worker_resources`), many at once on the cluster `init_ray(cfg)` starts or joins; results in order,
+    `on_done(i, result)` as each finishes. A task's UserError is raised as it is; another failure (after Ray's
+    `trainer.max_failures` retries) is one line naming the task."""
     import ray
 
     t = cfg.trainer
     cpus, gpus = worker_resources(t)
     custom = custom_resources(t)
-    task_cfg = copy.deepcopy(cfg)
-    task_cfg.trainer.num_workers = 0
-    task_cfg.trainer.torch_threads = t.torch_threads or max(1, int(cpus))
     started = init_ray(cfg)
     try:
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, resources=custom or None, max_retries=t.max_failures)(_task)
-        refs = [remote.remote(loop_fn, c, task_cfg, f"{name}-{i}") for i, c in enumerate(loop_configs)]
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, resources=custom or None, max_retries=t.max_failures)(fn)
+        refs = [remote.remote(*args) for args in calls]
         try:
             return _gather(refs, on_done)
         except ray.exceptions.RayTaskError as e:
@@ -258,6 +269,23 @@ def run_tasks(loop_fn: Callable[[dict], Any], loop_configs: list[dict[str, Any]]
     finally:
         if started and not _HOLD:
             ray.shutdown()
+
+
+def task_threads(trainer: Any) -> int:
+    """Torch threads in one task: `trainer.torch_threads`, else as many as the task holds CPUs."""
+    return trainer.torch_threads or max(1, int(worker_resources(trainer)[0]))
+
+
+def task_slots(cfg: Any) -> int:
+    """How many tasks on `trainer.resources_per_worker` the cluster (up, from `init_ray`) runs at once."""
+    import ray
+
+    cpus, gpus = worker_resources(cfg.trainer)
+    have = ray.cluster_resources()
+    slots = int(have.get("CPU", 0) // cpus) if cpus > 0 else 1
+    if gpus > 0:
+        slots = min(slots, int(have.get("GPU", 0) // gpus)) if cpus > 0 else int(have.get("GPU", 0) // gpus)
+    return max(1, slots)
 
 
 def _gather(refs: list[Any], on_done: Callable[[int, Any], None] | None) -> list[Any]:

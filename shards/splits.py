@@ -60,17 +60,22 @@ def load_split(
 
 def iter_split(
     shards_dir: str, split: str, keys: Iterable[str] | None = None, image_size: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = 256, part: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """A split (or only its `keys`) streamed in shard order, as `load_split` reads it but one batch at a
     time: `(images uint8 [B,C,S,S], labels int64 [B], keys)`, at most `batch_size` images held. Corrupt
-    samples are skipped like `load_split` does (an empty split yields nothing)."""
+    samples are skipped like `load_split` does (an empty split yields nothing). `part=(i, n)` reads only the
+    i-th of n contiguous runs of the split's shards: parts 0..n-1 one after the other give the whole split."""
     manifest = read_manifest(shards_dir)
     keyset = frozenset(keys) if keys is not None else None
     decoder = _Decoder(channels=int(manifest["channels"]), image_size=int(image_size or manifest["image_size"]),
                        nominal_size=int(manifest["image_size"]), num_classes=len(manifest["classes"]))
+    line = split_shards(shards_dir, manifest, (split,))
+    if part is not None:
+        i, n = part
+        line = line[len(line) * i // n:len(line) * (i + 1) // n]
     images, labels, names = [], [], []
-    for shard in split_shards(shards_dir, manifest, (split,)):
+    for shard in line:
         for sample in _samples(shard, decoder.skips, keyset):
             out = decoder(sample, shard)
             if out is None:

@@ -69,13 +69,16 @@ def test_cheap_parts_and_end_to_end(tmp_path, capsys):
     # formats: each variant's steps timed in turn; ratios to fp32 in the default format; what auto/null pick here
     # (the SimCLR step on the batch of 16, fine-tuning's classifier step on min(finetune.batch_size, 16))
     f = r["formats"]
-    assert f["classifier"]["batch"] == 16
-    for variants in (f["variants"], f["classifier"]["variants"]):
+    # and the frozen encode of knn/linear on a batch of finetune.encode.BATCH
+    from finetune.encode import BATCH
+
+    assert f["classifier"]["batch"] == 16 and f["encode"]["batch"] == BATCH
+    for variants, n in ((f["variants"], 16), (f["classifier"]["variants"], 16), (f["encode"]["variants"], BATCH)):
         assert list(variants) == ["fp32", "fp32, channels_last", "bf16, channels_last"]
         base = statistics.median(variants["fp32"]["runs_s"])
         for v in variants.values():
             assert len(v["runs_s"]) == 2 and v["ratio"] == pytest.approx(base / statistics.median(v["runs_s"]))
-            assert v["images_per_s"] == pytest.approx(16 / statistics.median(v["runs_s"]))
+            assert v["images_per_s"] == pytest.approx(n / statistics.median(v["runs_s"]))
     picked = {(False, False): "fp32", (False, True): "fp32, channels_last", (True, True): "bf16, channels_last"}
     assert f["picked"] == picked[resolve_precision("auto", None, "cpu")]
     assert f["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
@@ -84,6 +87,7 @@ def test_cheap_parts_and_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "torch threads 1" in printed and "pipeline_efficiency" in printed and "ratio ours/reference" in printed
     assert "fine-tuning step, batch 16, bf16, channels_last" in printed
+    assert f"frozen encode (knn/linear), batch {BATCH}, bf16, channels_last" in printed
     assert f"what auto/null pick here {f['picked']} (CPU capability {f['cpu_capability']})" in " ".join(printed.split())
 
 

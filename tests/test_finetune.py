@@ -618,11 +618,45 @@ def test_report_rows_are_complete_and_accuracies_are_fractions(run):
                for h in held.values())
     assert [h["seed_index"] for h in held[0.1]["by_seed"]] == [0, 1]
     assert report["execution"] == "tasks"  # trainer.num_workers=2 by default: one Ray task per labeled subset
+    # knn/linear's features were encoded where the trained methods ran: Ray tasks over runs of the shards
+    assert report["encode"]["parts"] >= 1 and report["encode"]["device"] == "cpu"
+    assert report["encode"]["precision"] in ("bf16", "fp32") and isinstance(report["encode"]["channels_last"], bool)
     md = (run / "report.md").read_text()
     assert "| method |" in md and "15 labels" in md and "144 labels" in md
     for m in METHODS:
         assert f"| {m} |" in md
     assert (run / "finetune.config.yaml").is_file()
+
+
+def test_frozen_features_encoded_on_the_cluster_are_those_one_pass_here_gives(data):
+    """knn/linear's encode on the cluster (one Ray task per contiguous run of the split's shards): the same
+    features, labels and keys, in shard order, as one streamed pass in this process; a keys filter keeps only
+    those keys, in the same order."""
+    from finetune.encode import encode_split
+    from pretrain.model import load_encoder
+    from runtime.launch import one_cluster
+    from shards.manifest import read_manifest
+    from shards.splits import split_index, split_shards
+
+    shards = str(data["shards"])
+    manifest = read_manifest(shards)
+    backbone, _, meta = load_encoder(data["encoder"])
+    cfg = load_config(None, [f"data.shards={shards}", "finetune.precision=fp32", "finetune.channels_last=false",
+                             "trainer.torch_threads=1"])
+    args = (int(meta["image_size"]), manifest["mean"], manifest["std"])
+    keys, labels = split_index(shards, "train")
+    here = encode_split(backbone, cfg, "train", None, *args, on_cluster=False)
+    wanted = set(keys[::7])
+    with one_cluster():
+        there = encode_split(backbone, cfg, "train", None, *args, on_cluster=True)
+        some = encode_split(backbone, cfg, "train", wanted, *args, on_cluster=True)
+    assert here[2] == there[2] == keys and torch.equal(here[1], labels) and torch.equal(there[1], labels)
+    assert torch.allclose(there[0], here[0], atol=1e-4) and here[0].dtype == there[0].dtype == torch.float32
+    assert here[3] == {"device": "cpu", "precision": "fp32", "channels_last": False, "parts": 0}
+    n_shards = len(split_shards(shards, manifest, ("train",)))
+    assert n_shards >= 2 and there[3]["parts"] == 2  # the default local cluster: 2 CPUs, a task on 1 each
+    assert some[2] == [k for k in keys if k in wanted]
+    assert torch.allclose(some[0], here[0][[i for i, k in enumerate(keys) if k in wanted]], atol=1e-4)
 
 
 @pytest.mark.slow

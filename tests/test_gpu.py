@@ -176,6 +176,10 @@ def test_every_finetune_method_on_the_gpu_then_predict(gpu_run, shards, tmp_path
     report = json.loads((out / "report.json").read_text())
     assert report["execution"] == mode and report["semi_method"] == semi_method
     assert (report["precision"], report["channels_last"]) == ("bf16", True)  # auto / null on a GPU
+    # knn/linear's features: encoded on the GPU in the same formats, in the driver (local) or in Ray tasks
+    assert report["encode"] == {"device": "cuda", "precision": "bf16", "channels_last": True,
+                                "parts": report["encode"]["parts"]}
+    assert (report["encode"]["parts"] == 0) == (mode == "local")
     assert {r["method"] for r in report["results"]} == {"pixels", "scratch", "knn", "linear", "finetune", "semi"}
     assert all(0.0 <= r["accuracy_mean"] <= 1.0 for r in report["results"])
     (model,) = list((out / "classifiers").iterdir())
