@@ -131,10 +131,15 @@ def _finetune(cfg: Config) -> dict[str, Any]:
     subsets = []
     for fraction, methods, seeds in jobs:
         for s in range(seeds):
+            # all labels are one subset: further seeds only vary training, so the fits that have no seed to vary
+            # (pixels, knn, linear) run once and the trained methods on every seed
+            todo = methods if s == 0 or fraction < FULL else [m for m in methods if m in TRAINED]
+            if not todo:
+                continue
             keys = labeled_subset(cfg.data.shards, manifest, fraction, s, train_keys, train_y.tolist())
             check_disjoint(keys, test_keys)
             subsets.append({"fraction": fraction, "seed_index": s, "seed": subset_seed(manifest, s), "keys": keys,
-                            "methods": methods})
+                            "methods": todo})
     n_labels = {j["fraction"]: len(j["keys"]) for j in subsets}
     # finetune.selection: the same budgets and seeds on subsets chosen from the encoder's features (no labels)
     subsets += selection_jobs(cfg, manifest, backbone, subsets, size, out_dir)

@@ -241,7 +241,8 @@ class FinetuneConfig:
     fractions: list[float] | None = _opt(None, "labeled fractions to run; null: every subset in the manifest")
     full_fraction_methods: list[str] = _opt(["pixels", "linear", "scratch"], "methods also run on all labels")
     num_seeds: int = _opt(5, "labeled subsets per fraction (subset i uses the manifest's seed + i)")
-    full_fraction_seeds: int = _opt(1, "runs at fraction 1.0 (one subset, all labels; seeds vary only training)")
+    full_fraction_seeds: int = _opt(1, "runs of the trained methods at fraction 1.0 (one subset, all labels: "
+                                       "seeds vary only training; pixels and linear run once)")
     epochs: int = _opt(30, "finetune/scratch budget in passes over the labeled subset (fixed, no early stop)")
     full_epochs: int = _opt(5, "the same budget for fraction 1.0 runs")
     batch_size: int = _opt(64, "labeled batch (over all workers)")

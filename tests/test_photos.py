@@ -129,6 +129,9 @@ def test_photos_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert set(rows) == expected
     assert rows[("semi", 0.01)]["seeds"] == 2 and rows[("semi", 0.01)]["labels"] == 10
     assert rows[("finetune", 0.1)]["labels"] == 100
+    # all labels: scratch on finetune.full_fraction_seeds (5 in the photo config) seeds, the fits without a seed once
+    assert rows[("scratch", 1.0)]["seeds"] == len(rows[("scratch", 1.0)]["accuracies"]) == 5
+    assert rows[("pixels", 1.0)]["seeds"] == rows[("linear", 1.0)]["seeds"] == 1
     assert (run_dir / "report.md").is_file() and (run_dir / "label_efficiency.png").is_file()
 
 
