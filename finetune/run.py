@@ -149,6 +149,15 @@ def _finetune(cfg: Config) -> dict[str, Any]:
     # ---- cheap methods, here: pixels, and knn/linear on features encoded once (streamed) for every subset, on
     # the cluster when the trained methods run there (finetune/encode.py)
     mode, workers = execution_mode(cfg, manifest)
+    run_cfg = copy.deepcopy(cfg)  # the trainer settings the trained methods (and the encodes) run with
+    if mode != "tasks":  # tasks: trainer.num_workers sizes the local cluster the tasks share
+        run_cfg.trainer.num_workers = workers  # train: the cluster the encodes start must fit Ray Train's workers
+    if mode != "train" and "://" in (cfg.trainer.storage_path or ""):
+        run_cfg.trainer.storage_path = None  # local-mode runs keep their checkpoints beside the report
+    if mode == "local":
+        # small batches of small images gain little from intra-op threads, and spinning OpenMP threads
+        # on a busy machine cost 10x: half the cores by default (trainer.torch_threads overrides)
+        run_cfg.trainer.torch_threads = cfg.trainer.torch_threads or max(1, (os.cpu_count() or 2) // 2)
     results: list[dict[str, Any]] = []
     encode_s = 0.0
     encoded: dict[str, Any] = {}  # where and in which formats the frozen features were computed
@@ -159,9 +168,9 @@ def _finetune(cfg: Config) -> dict[str, Any]:
         wanted = {k for j in frozen for k in j["keys"]}
         on_cluster = mode != "local"
         feats, feat_y, feat_keys, encoded = encode_split(
-            backbone, cfg, "train", None if len(wanted) == len(train_keys) else wanted, size, mean, std, on_cluster)
+            backbone, run_cfg, "train", None if len(wanted) == len(train_keys) else wanted, size, mean, std, on_cluster)
         row_of = {k: i for i, k in enumerate(feat_keys)}
-        test_feats, _, _, _ = encode_split(backbone, cfg, "test", None, size, mean, std, on_cluster)
+        test_feats, _, _, _ = encode_split(backbone, run_cfg, "test", None, size, mean, std, on_cluster)
         encode_s = time.perf_counter() - t
     for job in subsets:
         for method in [m for m in job["methods"] if m not in TRAINED]:
@@ -192,15 +201,6 @@ def _finetune(cfg: Config) -> dict[str, Any]:
     best: dict[float, dict[str, Any]] = {}
     formats: dict[str, Any] = {}  # what finetune.precision / channels_last resolved to where the trained methods ran
     if trained:
-        run_cfg = copy.deepcopy(cfg)
-        if mode != "tasks":  # tasks: trainer.num_workers sizes the local cluster the tasks share
-            run_cfg.trainer.num_workers = workers
-        if mode != "train" and "://" in (cfg.trainer.storage_path or ""):
-            run_cfg.trainer.storage_path = None  # local-mode runs keep their checkpoints beside the report
-        if mode == "local":
-            # small batches of small images gain little from intra-op threads, and spinning OpenMP threads
-            # on a busy machine cost 10x: half the cores by default (trainer.torch_threads overrides)
-            run_cfg.trainer.torch_threads = cfg.trainer.torch_threads or max(1, (os.cpu_count() or 2) // 2)
         common = {"cfg": cfg, "arch": arch, "encoder": (backbone, head), "mean": mean, "std": std, "image_size": size,
                   "test_labels": test_np,
                   "unlabeled_splits": unlabeled_splits(manifest),

@@ -666,10 +666,13 @@ def test_frozen_features_encoded_on_the_cluster_are_those_one_pass_here_gives(da
 def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method, student, teachers, bn):
     """finetune.parallel=train: scratch, finetune and semi on 2 Ray Train workers (gloo DDP), one report;
     distill's student either the fine-tuned model (its batch-norm statistics re-estimated on the pool on every
-    rank), itself the first of an ensemble of two, or a fresh network taught by an ensemble of two."""
+    rank), itself the first of an ensemble of two, or a fresh network taught by an ensemble of two. knn's encode
+    runs first, as Ray tasks: the cluster it starts must be sized for finetune.num_workers, not for the smaller
+    trainer.num_workers (else Ray Train would wait for a second worker forever)."""
     out = tmp_path / "ddp"
     rc = selfsup(["finetune", f"output_dir={out}", f"encoder={data['encoder']}", f"data.shards={data['shards']}",
-                  "finetune.parallel=train", "finetune.methods=[scratch,finetune,semi]", "finetune.fractions=[0.1]",
+                  "finetune.parallel=train", "finetune.num_workers=2", "trainer.num_workers=1",
+                  "finetune.methods=[knn,scratch,finetune,semi]", "finetune.fractions=[0.1]",
                   f"finetune.semi_method={semi_method}", f"finetune.distill_student={student}",
                   f"finetune.teacher_models={teachers}", f"finetune.distill_bn_stats={bn}",
                   "finetune.num_seeds=1", "finetune.epochs=1",
@@ -685,7 +688,8 @@ def test_trained_methods_under_ray_train_ddp(data, tmp_path, semi_method, studen
     assert ("ensemble" in held[0]) == (teachers > 1)  # the ensemble's own check on the held-out train images
     assert ("ensemble teacher's mean prediction" in (out / "report.md").read_text()) == (teachers > 1)
     assert {(r["method"], r["label_fraction"]) for r in report["results"]} == {
-        ("scratch", 0.1), ("finetune", 0.1), ("semi", 0.1)}
+        ("knn", 0.1), ("scratch", 0.1), ("finetune", 0.1), ("semi", 0.1)}
+    assert report["encode"]["parts"] == 2  # on the cluster Ray Train then used: 2 CPUs
     assert all(0.0 <= r["accuracy_mean"] <= 1.0 for r in report["results"])
     assert (out / "classifiers" / next((out / "classifiers").iterdir()).name / "model.safetensors").is_file()
 
