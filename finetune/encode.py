@@ -51,8 +51,8 @@ def encode_part(backbone: torch.nn.Module, shards: str, split: str, keys: Sequen
     with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                          enabled=bf16, cache_enabled=False):
         feats, labels, names = stream_features(model, batches, prepare, device)
-    return feats.float(), labels, names, {"device": torch.device(device).type, "precision": "bf16" if bf16 else
-                                          "fp32", "channels_last": bool(cl)}
+    return feats, labels, names, {"device": torch.device(device).type, "precision": "bf16" if bf16 else "fp32",
+                                  "channels_last": bool(cl)}
 
 
 def encode_split(backbone: torch.nn.Module, cfg: Any, split: str, keys: Sequence[str] | None, image_size: int,
@@ -65,14 +65,15 @@ def encode_split(backbone: torch.nn.Module, cfg: Any, split: str, keys: Sequence
     wanted = None if keys is None else sorted(keys)
     if not on_cluster:
         device = "cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu"
-        out = encode_part(copy.deepcopy(backbone).cpu(), shards, split, wanted, image_size, mean, std, None,
+        # a copy: encode_part moves the model to the device and memory format, the trained methods need it as is
+        out = encode_part(copy.deepcopy(backbone), shards, split, wanted, image_size, mean, std, None,
                           ft.precision, ft.channels_last, device)
         return *out[:3], {**out[3], "parts": 0}
     import ray
 
     init_ray(cfg)
     n = max(1, min(len(split_shards(shards, read_manifest(shards), (split,))), task_slots(cfg)))
-    model, names = ray.put(copy.deepcopy(backbone).cpu()), ray.put(wanted)  # stored once, read by every task
+    model, names = ray.put(backbone), ray.put(wanted)  # stored once, each task moves its own deserialised copy
     calls = [(model, shards, split, names, image_size, mean, std, (i, n), ft.precision, ft.channels_last,
               "cuda" if cfg.trainer.use_gpu else "cpu", task_threads(cfg.trainer)) for i in range(n)]
     outs = map_tasks(encode_part, calls, cfg, f"{cfg.name}-encode-{split}")

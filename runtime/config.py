@@ -298,10 +298,10 @@ class FinetuneConfig:
     fixmatch_threshold: float = _opt(0.9, "fixmatch: confidence a pseudo-label needs to count")
     fixmatch_unlabeled_ratio: int = _opt(4, "fixmatch: unlabeled batch = this x the labeled batch (mu)")
     precision: Literal["auto", "bf16", "fp32"] = _opt(
-        "auto", "scratch, finetune and semi's training (the test split is scored in fp32): auto: bf16 autocast "
-        "where pretrain.precision auto picks it (GPU, native-bf16 CPU), else fp32")
-    channels_last: bool | None = _opt(None, "the classifier in the channels-last memory format; null: where "
-                                            "pretrain.channels_last null picks it")
+        "auto", "scratch, finetune and semi's training and knn/linear's frozen encode (the test split is scored "
+        "in fp32): auto: bf16 autocast where pretrain.precision auto picks it (GPU, native-bf16 CPU), else fp32")
+    channels_last: bool | None = _opt(None, "the classifier (and the frozen encoder) in the channels-last memory "
+                                            "format; null: where pretrain.channels_last null picks it")
     parallel: Literal["auto", "local", "tasks", "train"] = _opt(
         "auto", "tasks: a Ray task per labeled subset; train: Ray Train DDP; local: this process; auto: train "
         "when finetune.num_workers >= 2, else tasks when trainer.num_workers >= 2 (train for > 100,000 unlabeled), "

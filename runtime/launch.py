@@ -280,12 +280,9 @@ def task_slots(cfg: Any) -> int:
     """How many tasks on `trainer.resources_per_worker` the cluster (up, from `init_ray`) runs at once."""
     import ray
 
-    cpus, gpus = worker_resources(cfg.trainer)
     have = ray.cluster_resources()
-    slots = int(have.get("CPU", 0) // cpus) if cpus > 0 else 1
-    if gpus > 0:
-        slots = min(slots, int(have.get("GPU", 0) // gpus)) if cpus > 0 else int(have.get("GPU", 0) // gpus)
-    return max(1, slots)
+    need = zip(("CPU", "GPU"), worker_resources(cfg.trainer))
+    return max(1, min((int(have.get(r, 0) // n) for r, n in need if n > 0), default=1))
 
 
 def _gather(refs: list[Any], on_done: Callable[[int, Any], None] | None) -> list[Any]:
