@@ -408,7 +408,9 @@ def _interleave(pieces: list[_Piece], open_max: int, rng: random.Random, skips: 
 def _samples(shard: _Shard, skips: Counter, keys: frozenset | None = None, start: int = 0, stop: int | None = None):
     """Raw samples `{__key__, ext: bytes, ...}` at positions [start, stop) of one shard, via a fast tar
     parser and webdataset's grouping (streamed: nothing is extracted). A shard that cannot be opened or ends early is counted
-    once and the samples before the break are kept."""
+    once and the samples before the break are kept: cut mid-member (`truncated_shard`), or a well-formed tar
+    holding fewer samples than the manifest's count for it (`short_shard`: e.g. zeroed blocks, which a tar
+    reader takes for its end)."""
     errors: list[Exception] = []
 
     def handler(exn: Exception) -> bool:
@@ -430,11 +432,14 @@ def _samples(shard: _Shard, skips: Counter, keys: frozenset | None = None, start
         except Exception as e:  # noqa: BLE001 -- tarfile.ReadError, EOFError, zlib errors: the rest is lost
             errors.append(e)
 
+    seen, stopped = 0, False  # seen: every sample of the tar, whatever `keys` passes
     try:
         for sample in group_by_keys(files(), handler=handler):
+            seen += 1
             if keys is not None and sample["__key__"] not in keys:
                 continue
             if stop is not None and position >= stop:
+                stopped = True
                 break
             if position >= start:
                 yield sample
@@ -443,6 +448,9 @@ def _samples(shard: _Shard, skips: Counter, keys: frozenset | None = None, start
         stream.close()
     if errors:
         _skip(skips, "truncated_shard", f"{shard.url}: {errors[0]!r}")
+    elif not stopped and seen < shard.count:
+        _skip(skips, "short_shard", f"{shard.url}: the tar ends after {seen} of the manifest's {shard.count} samples: "
+                                    "re-run `selfsup shard`", count=shard.count - seen)
 
 
 def _count_keys(url: str, keys: frozenset) -> int:
@@ -536,10 +544,12 @@ def _resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size].contiguous()
 
 
-def _skip(skips: Counter, reason: str, detail: str) -> None:
-    skips[reason] += 1
+def _skip(skips: Counter, reason: str, detail: str, count: int = 1) -> None:
+    """Count `count` skipped samples under `reason`, warning about the first few and then at round numbers."""
+    before = skips[reason]
+    skips[reason] += count
     n = skips[reason]
-    if n <= _WARN_FIRST or n in (10, 100, 1000, 10000):
+    if before < _WARN_FIRST or any(before < m <= n for m in (10, 100, 1000, 10000)):
         more = " (further ones counted, not shown)" if n == _WARN_FIRST else ""
         log.warning("skipped sample (%s, %d so far): %s%s", reason, n, detail, more)
     return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -60,16 +61,19 @@ def load_split(
 
 def iter_split(
     shards_dir: str, split: str, keys: Iterable[str] | None = None, image_size: int | None = None,
-    batch_size: int = 256, part: tuple[int, int] | None = None,
+    batch_size: int = 256, part: tuple[int, int] | None = None, skips: Counter | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """A split (or only its `keys`) streamed in shard order, as `load_split` reads it but one batch at a
     time: `(images uint8 [B,C,S,S], labels int64 [B], keys)`, at most `batch_size` images held. Corrupt
     samples are skipped like `load_split` does (an empty split yields nothing). `part=(i, n)` reads only the
-    i-th of n contiguous runs of the split's shards: parts 0..n-1 one after the other give the whole split."""
+    i-th of n contiguous runs of the split's shards: parts 0..n-1 one after the other give the whole split.
+    `skips`, when given, receives the skipped samples' counts by reason as they happen."""
     manifest = read_manifest(shards_dir)
     keyset = frozenset(keys) if keys is not None else None
     decoder = _Decoder(channels=int(manifest["channels"]), image_size=int(image_size or manifest["image_size"]),
                        nominal_size=int(manifest["image_size"]), num_classes=len(manifest["classes"]))
+    if skips is not None:
+        decoder.skips = skips
     line = split_shards(shards_dir, manifest, (split,))
     if part is not None:
         i, n = part

@@ -173,6 +173,36 @@ def test_corrupt_and_hostile_samples_are_skipped_counted_and_the_epoch_finishes(
     assert len(images) == len(names) == 10 and images.shape[1:] == (3, 8, 8)
 
 
+def test_a_shard_whose_middle_reads_as_zeros_is_counted_short_not_silently_shorter(tmp_path):
+    """A tar with zeroed blocks (a hole in a file a copy or a crash left: reads as zeros) parses as a valid tar
+    that ends early, with no error of its own. The reader counts the samples the manifest says are missing
+    (`short_shard`), in every way a split is read, and keeps those before the hole."""
+    from collections import Counter
+
+    from shards.splits import iter_split
+
+    make_shards(tmp_path, {"train": 12, "test": 2}, shard_size=6, image_size=8)
+    first = tmp_path / "train-000000.tar"
+    with tarfile.open(first) as tar:
+        third = [m for m in tar.getmembers() if m.name.startswith("train-00000002")][0]
+    raw = bytearray(first.read_bytes())
+    raw[third.offset:third.offset + 1024] = bytes(1024)  # the third sample's header, and the block after, zeroed
+    first.write_bytes(bytes(raw))
+
+    skips: Counter = Counter()
+    keys = [k for _, _, ks in iter_split(tmp_path, "train", batch_size=4, skips=skips) for k in ks]
+    assert keys == [f"train-{i:08d}" for i in (0, 1, *range(6, 12))]
+    assert skips == {"short_shard": 4}  # 6 in the manifest, 2 read
+    loader = ShardLoader(tmp_path, splits="train", batch_size=4, shuffle=False, equal_batches=False)
+    assert sorted(k for images, _ in loader for k in keys_of(images)) == keys
+    assert loader.skip_reasons == {"short_shard": 4} and loader.skipped == 4
+    # with a key filter (a labeled subset) every shard is still read through, and the damaged one counted
+    skips.clear()
+    assert [k for _, _, ks in iter_split(tmp_path, "train", keys=["train-00000007"], skips=skips) for k in ks] == [
+        "train-00000007"]
+    assert skips == {"short_shard": 4}
+
+
 def test_grayscale_dataset_converts_colour_and_palette_images(tmp_path):
     rng = np.random.default_rng(1)
     rgb = image_for("train", 0, 8, 3, rng)
