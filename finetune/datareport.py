@@ -119,8 +119,10 @@ def label_suspects(nb: dict[str, Any], labels: np.ndarray, share: float) -> list
 
 
 def run_inspect(cfg: Any) -> dict[str, Any]:
+    from finetune.placement import run_settings
     from pretrain.model import check_compatible, load_encoder
     from runtime.files import atomic_write_text
+    from runtime.launch import one_cluster
     from shards.manifest import read_manifest
     from shards.splits import sample_keys, split_index
 
@@ -133,28 +135,30 @@ def run_inspect(cfg: Any) -> dict[str, Any]:
     size = int(meta["image_size"])
     classes = list(manifest["classes"])
     seed = int(manifest.get("seed", 0))
-    device = "cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu"
+    mode, _, run_cfg = run_settings(cfg, manifest)  # encoded where fine-tuning would train (finetune.parallel)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- features of each labeled split (a seeded sample above inspect.max_images), labels from the index
     feats, keys, split_of, counts, balance, sampled = [], [], [], {}, {}, {}
+    encoded: dict[str, Any] = {}  # where and in which formats the features were computed
     label_of: dict[str, int] = {}
-    for split in SPLITS:
-        if int(manifest["splits"].get(split, {}).get("count", 0)) == 0:
-            continue
-        all_keys, all_y = split_index(cfg.data.shards, split)
-        label_of.update(zip(all_keys, all_y.tolist()))
-        balance[split] = {classes[c] if 0 <= c < len(classes) else str(c): n
-                          for c, n in sorted(Counter(all_y.tolist()).items())}
-        chosen = sample_keys(cfg.data.shards, split, ins.max_images, seed)
-        f, k = split_features(backbone, cfg.data.shards, split, size, manifest["mean"], manifest["std"], device,
-                              keys=chosen, mirror=True)
-        feats.append(f)
-        keys += k
-        split_of += [split] * len(k)
-        counts[split] = len(k)
-        sampled[split] = chosen is not None
+    with one_cluster():  # both splits encoded on one cluster (when they use one)
+        for split in SPLITS:
+            if int(manifest["splits"].get(split, {}).get("count", 0)) == 0:
+                continue
+            all_keys, all_y = split_index(cfg.data.shards, split)
+            label_of.update(zip(all_keys, all_y.tolist()))
+            balance[split] = {classes[c] if 0 <= c < len(classes) else str(c): n
+                              for c, n in sorted(Counter(all_y.tolist()).items())}
+            chosen = sample_keys(cfg.data.shards, split, ins.max_images, seed)
+            f, k, encoded = split_features(backbone, run_cfg, split, size, manifest["mean"], manifest["std"],
+                                           mode != "local", keys=chosen, mirror=True)
+            feats.append(f)
+            keys += k
+            split_of += [split] * len(k)
+            counts[split] = len(k)
+            sampled[split] = chosen is not None
     if "train" not in counts:
         raise UserError(f"no train images in {cfg.data.shards}: nothing to inspect")
     x = np.concatenate(feats)
@@ -182,7 +186,7 @@ def run_inspect(cfg: Any) -> dict[str, Any]:
     report: dict[str, Any] = {
         "dataset": manifest.get("source"), "encoder": str(Path(cfg.encoder_dir).resolve()),
         "shards": str(cfg.data.shards), "features": "mean of the image's and its mirror's, centred on the train mean, unit length (cosine)",
-        "images": counts, "sampled": sampled, "max_images": ins.max_images,
+        "images": counts, "sampled": sampled, "max_images": ins.max_images, "encode": encoded,
         "duplicate_threshold": ins.duplicate_threshold, "knn_k": ins.knn_k,
         "label_error_share": ins.label_error_share,
         "duplicates": {

@@ -14,8 +14,6 @@ split.
 
 from __future__ import annotations
 
-import copy
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,6 +29,7 @@ from finetune.embedding import write_embedding
 from finetune.encode import encode_split
 from finetune.linear import knn_method_predict, linear_predict
 from finetune.pixels import pixels_fit, pixels_predict_with
+from finetune.placement import run_settings, unlabeled_count, unlabeled_splits
 from finetune.predict import save_classifier
 from finetune.report import build_report, result_row, table_rows, write_report
 from finetune.selection import BALANCED, selection_jobs, selection_loop
@@ -58,34 +57,6 @@ def plan(cfg: Config, manifest: dict) -> list[tuple[float, list[str], int]]:
     if full:
         out.append((FULL, full, ft.full_fraction_seeds))
     return out
-
-
-def unlabeled_splits(manifest: dict) -> tuple[str, ...]:
-    """The splits semi-supervised training reads without labels: train + unlabeled, never test."""
-    return tuple(s for s in ("train", "unlabeled") if manifest["splits"].get(s, {}).get("count", 0) > 0)
-
-
-def unlabeled_count(manifest: dict) -> int:
-    return sum(manifest["splits"][s]["count"] for s in unlabeled_splits(manifest))
-
-
-TASKS_MAX_UNLABELED = 100_000  # above this, `auto` spreads each run over DDP workers instead of one task each
-
-
-def execution_mode(cfg: Config, manifest: dict) -> tuple[str, int]:
-    """(mode, workers) for the trained methods: `finetune.parallel`, with `auto` resolved (see the config)."""
-    ft, t = cfg.finetune, cfg.trainer
-    mode = ft.parallel
-    if mode == "auto":
-        big = unlabeled_count(manifest) > TASKS_MAX_UNLABELED
-        mode = ("train" if ft.num_workers >= 2 else "local" if t.num_workers < 2 else "train" if big else "tasks")
-    if mode == "train":
-        workers = ft.num_workers or t.num_workers
-        if workers < 2:
-            raise UserError(f"finetune.parallel=train needs 2 or more Ray Train workers, got {workers}: set "
-                            "finetune.num_workers (or trainer.num_workers) >= 2, or finetune.parallel=local")
-        return mode, workers
-    return mode, 0
 
 
 def run_finetune(cfg: Config) -> dict[str, Any]:
@@ -141,23 +112,16 @@ def _finetune(cfg: Config) -> dict[str, Any]:
             subsets.append({"fraction": fraction, "seed_index": s, "seed": subset_seed(manifest, s), "keys": keys,
                             "methods": todo})
     n_labels = {j["fraction"]: len(j["keys"]) for j in subsets}
+    # where the trained methods run, with which trainer settings; the frozen encodes run there too
+    mode, workers, run_cfg = run_settings(cfg, manifest)
+    on_cluster = mode != "local"
     # finetune.selection: the same budgets and seeds on subsets chosen from the encoder's features (no labels)
-    subsets += selection_jobs(cfg, manifest, backbone, subsets, size, out_dir)
+    subsets += selection_jobs(run_cfg, manifest, backbone, subsets, size, out_dir, on_cluster)
     # one display for the stage: runs done / total with time left, and a line as each run finishes
     progress = Progress("finetune", sum(len(j["methods"]) for j in subsets), unit="runs")
 
     # ---- cheap methods, here: pixels, and knn/linear on features encoded once (streamed) for every subset, on
     # the cluster when the trained methods run there (finetune/encode.py)
-    mode, workers = execution_mode(cfg, manifest)
-    run_cfg = copy.deepcopy(cfg)  # the trainer settings the trained methods (and the encodes) run with
-    if mode != "tasks":  # tasks: trainer.num_workers sizes the local cluster the tasks share
-        run_cfg.trainer.num_workers = workers  # train: the cluster the encodes start must fit Ray Train's workers
-    if mode != "train" and "://" in (cfg.trainer.storage_path or ""):
-        run_cfg.trainer.storage_path = None  # local-mode runs keep their checkpoints beside the report
-    if mode == "local":
-        # small batches of small images gain little from intra-op threads, and spinning OpenMP threads
-        # on a busy machine cost 10x: half the cores by default (trainer.torch_threads overrides)
-        run_cfg.trainer.torch_threads = cfg.trainer.torch_threads or max(1, (os.cpu_count() or 2) // 2)
     results: list[dict[str, Any]] = []
     encode_s = 0.0
     encoded: dict[str, Any] = {}  # where and in which formats the frozen features were computed
@@ -166,7 +130,6 @@ def _finetune(cfg: Config) -> dict[str, Any]:
     if frozen:
         t = time.perf_counter()
         wanted = {k for j in frozen for k in j["keys"]}
-        on_cluster = mode != "local"
         feats, feat_y, feat_keys, encoded = encode_split(
             backbone, run_cfg, "train", None if len(wanted) == len(train_keys) else wanted, size, mean, std, on_cluster)
         row_of = {k: i for i, k in enumerate(feat_keys)}

@@ -50,32 +50,25 @@ def subset_name(budget: int, strategy: str, seed: int | None = None) -> str:
 # ------------------------------------------------------------------ features (labels dropped as they stream)
 
 
-@torch.no_grad()
-def split_features(backbone: torch.nn.Module, shards: str, split: str, image_size: int, mean, std,
-                   device: str | torch.device = "cpu", keys: Sequence[str] | None = None,
-                   mirror: bool = False, batch_size: int = 256) -> tuple[np.ndarray, list[str]]:
-    """L2-normalised float32 features [N, D] of the split (or its `keys`) and their keys, sorted by key.
+def split_features(backbone: torch.nn.Module, cfg: Any, split: str, image_size: int, mean, std, on_cluster: bool,
+                   keys: Sequence[str] | None = None, mirror: bool = False,
+                   ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """L2-normalised float32 features [N, D] of the split (or its `keys`) and their keys, sorted by key, and
+    where and in which formats they were encoded (`encode_split`'s `formats`).
 
-    Streams the shards; only features are kept. The labels the reader yields are dropped unread. With
-    `mirror`, each feature is the mean of the image's and its left-right mirror's (a mirrored copy then has
-    the same features: what duplicate search wants)."""
-    from pretrain.augment import normalize
-    from shards.splits import iter_split
+    Encoded by `finetune.encode.encode_split` where fine-tuning's trained methods run (`on_cluster`: Ray tasks
+    on `cfg.trainer`'s resources, else this process) and in its formats; only features are kept, the labels the
+    reader yields are dropped unread. With `mirror`, each feature is the mean of the image's and its left-right
+    mirror's (a mirrored copy then has the same features: what duplicate search wants)."""
+    from finetune.encode import encode_split
 
-    backbone = backbone.to(device).eval()
-    feats, names = [], []
-    for images, _labels, k in iter_split(shards, split, keys=keys, image_size=image_size, batch_size=batch_size):
-        x = normalize(images.to(device), mean, std)
-        f = backbone(x).float()
-        if mirror:
-            f = (f + backbone(torch.flip(x, dims=[3])).float()) / 2
-        feats.append(torch.nn.functional.normalize(f, dim=1).cpu().numpy())
-        names += list(k)
-    if not feats:
-        raise UserError(f"no readable images in the {split} split of {shards}: re-run `selfsup shard`")
-    f = np.concatenate(feats).astype(np.float32, copy=False)
+    f, _unread, names, formats = encode_split(backbone, cfg, split, keys, image_size, mean, std, on_cluster,
+                                              mirror=mirror)
+    if not names:
+        raise UserError(f"no readable images in the {split} split of {cfg.data.shards}: re-run `selfsup shard`")
+    f = torch.nn.functional.normalize(f, dim=1).numpy()
     order = np.argsort(np.asarray(names))
-    return np.ascontiguousarray(f[order]), [names[i] for i in order]
+    return np.ascontiguousarray(f[order], dtype=np.float32), [names[i] for i in order], formats
 
 
 # ------------------------------------------------------------------ the strategies
@@ -230,13 +223,18 @@ def run_select(cfg: Any) -> list[dict[str, Any]]:
     """`selfsup select`: for each strategy (`finetune.selection`, typiclust when empty) choose `budget` train
     images from the encoder's features; write the key list, a JSON record and a contact sheet into
     `<output_dir>/subsets/`. Returns one record per strategy."""
+    from finetune.placement import run_settings
     from pretrain.model import check_compatible, load_encoder
     from runtime.files import atomic_write_text
+    from runtime.launch import one_cluster
     from shards.manifest import read_manifest
 
     if cfg.budget is None:
         raise UserError("no budget: give the number of images to label, e.g. `selfsup select encoder=RUN_DIR budget=15`")
     strategies = list(cfg.finetune.selection) or ["typiclust"]
+    # absolute: Ray tasks that encode run in working directories of their own, maybe on other nodes
+    if "://" not in cfg.data.shards and not cfg.data.shards.startswith("pipe:"):
+        cfg.data.shards = str(Path(cfg.data.shards).resolve())
     manifest = read_manifest(cfg.data.shards)
     train_count = int(manifest["splits"]["train"]["count"])
     if cfg.budget > train_count:
@@ -245,8 +243,10 @@ def run_select(cfg: Any) -> list[dict[str, Any]]:
     backbone, _, meta = load_encoder(cfg.encoder_dir)
     check_compatible(meta, manifest, image_size=cfg.data.image_size)
     size = int(meta["image_size"])
-    device = "cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu"
-    feats, keys = split_features(backbone, cfg.data.shards, "train", size, manifest["mean"], manifest["std"], device)
+    mode, _, run_cfg = run_settings(cfg, manifest)  # encoded where fine-tuning would train (finetune.parallel)
+    with one_cluster():
+        feats, keys, encoded = split_features(backbone, run_cfg, "train", size, manifest["mean"], manifest["std"],
+                                              mode != "local")
     if cfg.budget > len(keys):
         raise UserError(f"budget {cfg.budget} is more than the train split's {len(keys)} readable images")
     seed = int(manifest.get("seed", 0))  # fine-tuning's seed index 0 uses the same seed
@@ -260,26 +260,25 @@ def run_select(cfg: Any) -> list[dict[str, Any]]:
                             path.with_suffix(".png"))
         rec = {"strategy": strategy, "budget": cfg.budget, "seed": seed, "train_images": len(keys),
                "encoder": str(Path(cfg.encoder_dir).resolve()), "shards": str(cfg.data.shards),
-               "keys": path.name, "contact_sheet": png.name}
+               "keys": path.name, "contact_sheet": png.name, "encode": encoded}
         atomic_write_text(path.with_suffix(".json"), json.dumps(rec, indent=2) + "\n")
         records.append({**rec, "path": str(path), "png": str(png)})
     return records
 
 
 def selection_jobs(cfg: Any, manifest: dict, backbone: torch.nn.Module | None, jobs: list[dict[str, Any]],
-                   image_size: int, out_dir: Path) -> list[dict[str, Any]]:
+                   image_size: int, out_dir: Path, on_cluster: bool) -> list[dict[str, Any]]:
     """Fine-tuning's selected subsets: for every balanced job below fraction 1 (fraction, seed index), one job per
     strategy of `finetune.selection` with the same budget (that subset's size) and seed, its keys chosen from
-    the encoder's train features and written to `<out_dir>/subsets/selected-<N>-<strategy>-seed<S>.txt`."""
+    the encoder's train features (encoded on the cluster when `on_cluster`, with `cfg`'s trainer settings) and
+    written to `<out_dir>/subsets/selected-<N>-<strategy>-seed<S>.txt`."""
     strategies = list(cfg.finetune.selection)
     if not strategies:
         return []
     if backbone is None:
         raise UserError("finetune.selection needs an encoder: add a method that uses one (e.g. finetune.methods=[semi]) "
                         "and encoder=RUN_DIR")
-    device = "cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu"
-    feats, keys = split_features(backbone, cfg.data.shards, "train", image_size, manifest["mean"], manifest["std"],
-                                 device)
+    feats, keys, _ = split_features(backbone, cfg, "train", image_size, manifest["mean"], manifest["std"], on_cluster)
     out = []
     for job in jobs:
         if job["fraction"] >= 1:

@@ -1,6 +1,6 @@
 """The trained methods (`scratch`, `finetune`, `semi`) for every labeled subset: one per-worker function.
 
-`supervised_loop` runs in one of three ways (`finetune.run.execution_mode`): in this process; as one Ray task
+`supervised_loop` runs in one of three ways (`finetune.placement.execution_mode`): in this process; as one Ray task
 per labeled subset (`runtime.launch.run_tasks`, each task a world of 1); or on Ray Train workers, exactly like
 pretraining (`run_training`), where each rank takes its share of every labeled and pool batch (FixMatch: of the
 unlabeled stream, `ShardLoader(rank, world_size)`), DDP averages the gradients, and rank 0's results count.

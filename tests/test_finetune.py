@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from cluster.cli import main as selfsup
-from finetune.run import unlabeled_splits
+from finetune.placement import unlabeled_splits
 from finetune.subsets import check_disjoint, labeled_subset
 from pretrain.model import build_model, encoder_meta, save_encoder
 from runtime.config import METHODS, AugmentConfig, Config, load_config
@@ -536,7 +536,7 @@ def test_the_teacher_trusts_the_model_only_as_far_as_it_agrees_with_label_spread
 
 
 def test_execution_mode_follows_the_config(data):
-    from finetune.run import execution_mode
+    from finetune.placement import execution_mode
 
     def mode(*overrides):
         return execution_mode(load_config(None, list(overrides)), data["manifest"])

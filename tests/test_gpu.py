@@ -6,6 +6,7 @@
   none), and a local one-GPU resume;
 - every fine-tuning method, `distill` and `fixmatch` included, in-process, as Ray tasks and (2 GPUs) under Ray
   Train DDP, then `selfsup predict` with the shipped classifier;
+- `selfsup select` and `selfsup inspect` encoding on the driver's GPU and in GPU Ray tasks;
 - `selfsup bench --parts model,end_to_end` on the GPU.
 The CPU stand-ins for what can be checked without a GPU are in tests/test_placement.py.
 """
@@ -204,6 +205,25 @@ def test_every_finetune_method_on_the_gpu_then_predict(gpu_run, shards, tmp_path
     printed = _ok(_cli(["predict", str(model), *files])).strip().splitlines()
     agree = sum(line.split("\t")[1] == counted[k] for line, k in zip(printed, keys[:4]))
     assert len(printed) == 4 and agree >= 3  # predict runs on the CPU: a near-tie may fall the other way
+
+
+@pytest.mark.parametrize("mode", ["local", "tasks"])
+def test_select_and_inspect_encode_on_the_gpu(gpu_run, shards, tmp_path, mode):
+    """`selfsup select` and `selfsup inspect` encode where fine-tuning would train: on the driver's GPU
+    (local) or in Ray tasks holding a GPU each (tasks), in bf16 + channels_last, and pick the same images."""
+    workers = {"local": "trainer.num_workers=0", "tasks": "trainer.num_workers=1"}[mode]
+    common = ["--config", "configs/digits.yaml", f"encoder={gpu_run}", f"data.shards={shards}", "trainer.use_gpu=true",
+              workers, f"finetune.parallel={mode}", "wandb.enabled=false"]
+    out = tmp_path / "sel"
+    _ok(_cli(["select", *common, f"output_dir={out}", "budget=20"]))
+    record = json.loads((out / "subsets" / "selected-20-typiclust.json").read_text())
+    assert {k: v for k, v in record["encode"].items() if k != "parts"} == {"device": "cuda", "precision": "bf16",
+                                                                             "channels_last": True}
+    assert (record["encode"]["parts"] == 0) == (mode == "local")
+    assert len((out / "subsets" / "selected-20-typiclust.txt").read_text().split()) == 20
+    _ok(_cli(["inspect", *common, f"output_dir={tmp_path / 'ins'}"]))
+    report = json.loads((tmp_path / "ins" / "data_report.json").read_text())
+    assert report["encode"]["device"] == "cuda" and (report["encode"]["parts"] == 0) == (mode == "local")
 
 
 # ------------------------------------------------------------------ the benchmark's GPU sections

@@ -151,27 +151,55 @@ def _relabel(src: Path, dst: Path, seed: int) -> None:
 
 
 def test_select_never_reads_labels(data, tmp_path, capsys):
-    """The same keys whatever the train labels say: shuffled labels, identical selections, for every strategy;
-    the key list is in the manifest's subset format (train keys, one a line) with a contact sheet."""
+    """The same keys whatever the train labels say, and wherever the features are encoded: the shards'
+    features on a real 2-CPU Ray cluster (2 tasks, the default trainer) and their relabeled copy's in this
+    process (`finetune.parallel=local`) give identical selections, for every strategy; the key list is in the
+    manifest's subset format (train keys, one a line) with a contact sheet, the record says where it encoded."""
     other = tmp_path / "relabeled"
     _relabel(data["shards"], other, seed=3)
     _, y0, k0 = load_split(str(data["shards"]), "train")
     _, y1, k1 = load_split(str(other), "train")
     assert k0 == k1 and not torch.equal(y0, y1)  # same images and keys, other labels
     chosen = {}
-    for shards, out in ((data["shards"], tmp_path / "a"), (other, tmp_path / "b")):
-        args = _args(data, out, "budget=6", "finetune.selection=[random,typiclust,kcenter]")
+    for shards, out, where in ((data["shards"], tmp_path / "a", "finetune.parallel=auto"),
+                               (other, tmp_path / "b", "finetune.parallel=local")):
+        args = _args(data, out, "budget=6", "finetune.selection=[random,typiclust,kcenter]", where)
         args = [a if not a.startswith("data.shards=") else f"data.shards={shards}" for a in args]
         assert selfsup(["select", *args]) == 0
         chosen[out.name] = {s: (out / "subsets" / f"selected-6-{s}.txt").read_text().split()
                             for s in ("random", "typiclust", "kcenter")}
         for s in ("random", "typiclust", "kcenter"):
             assert (out / "subsets" / f"selected-6-{s}.png").stat().st_size > 0
-            assert json.loads((out / "subsets" / f"selected-6-{s}.json").read_text())["budget"] == 6
+            record = json.loads((out / "subsets" / f"selected-6-{s}.json").read_text())
+            assert record["budget"] == 6 and record["encode"]["device"] == "cpu"
+            assert record["encode"]["parts"] == (2 if out.name == "a" else 0)
     assert chosen["a"] == chosen["b"]
     for keys in chosen["a"].values():
         assert len(keys) == len(set(keys)) == 6 and set(keys) <= set(k0)
     assert "selected-6-typiclust.txt" in capsys.readouterr().out
+
+
+def test_select_on_the_cluster_says_what_a_damaged_shard_lost(data, tmp_path, capsys):
+    """A train shard whose second half reads as zeros (a well-formed tar that ends early): the Ray tasks that
+    encode skip what is missing, and the driver says so in one warning (their own logs stay on the workers);
+    the images that were read are still chosen from."""
+    shards = tmp_path / "shards"
+    shutil.copytree(data["shards"], shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    name, count = manifest["splits"]["train"]["shards"][0], manifest["splits"]["train"]["shard_counts"][0]
+    raw = bytearray((shards / name).read_bytes())
+    half = len(raw) // 2 // 512 * 512
+    raw[half:] = bytes(len(raw) - half)
+    (shards / name).write_bytes(bytes(raw))
+    args = [a if not a.startswith("data.shards=") else f"data.shards={shards}"
+            for a in _args(data, tmp_path / "out", "budget=6")]
+    assert selfsup(["select", *args]) == 0
+    err = capsys.readouterr().err
+    warning = [ln for ln in err.splitlines() if ln.startswith("warning: the train split's encode on the cluster")]
+    assert len(warning) == 1 and "short_shard" in warning[0] and "re-run `selfsup shard`" in warning[0], err
+    record = json.loads((tmp_path / "out" / "subsets" / "selected-6-typiclust.json").read_text())
+    total = manifest["splits"]["train"]["count"]
+    assert total - count < record["train_images"] < total and record["encode"]["parts"] >= 1
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -233,6 +261,7 @@ def test_inspect_finds_planted_duplicates_and_label_errors(data, trained, tmp_pa
     assert {(p["test"]["key"], p["train"]["key"]) for p in top[:2]} == {
         (key["test/c0/exact"], key["train/c0/img_3"]), (key["test/c1/flip"], key["train/c1/img_5"])}, top[:4]
     assert top[0]["similarity"] > 0.999 and top[1]["similarity"] > report["duplicate_threshold"]
+    assert report["encode"]["parts"] >= 1  # mirrored features from Ray tasks (the default trainer: 2 workers)
     assert report["duplicates"]["train_test"]["test_images"] >= 2
     suspects = {s["key"]: s for s in report["label_errors"]["top"]}
     assert suspects[key["train/c2/wrong"]]["suggested"] == "c3" and suspects[key["train/c2/wrong"]]["label"] == "c2"
