@@ -65,36 +65,50 @@ def _claim_output_dir(output_dir: str, command: str = "selfsup finetune") -> Non
 def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a classifier dir (<output_dir>/classifiers/<method>-<fraction>) or a fine-tuning "
                    "output_dir (then its classifier trained on the most labels)")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or directories: the image files under them (recursively, "
+                   "sorted); printed as each batch is classified, so a folder of any size streams")
     p.add_argument("--top-k", type=int, default=1, metavar="K",
                    help="print the K most probable classes of each image, most probable first (default 1)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON array for scripts: [{"image", "predictions": [{"class", "probability"}]} '
                         'or {"image", "error"}]')
+    p.add_argument("--batch-size", type=int, default=256, metavar="N",
+                   help="images decoded and classified at a time (default 256): memory is flat in their number")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the classifier runs (default cpu)")
 
 
 def predict_main(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from finetune.predict import predict_top_k
+    import torch
+
+    from finetune.predict import image_paths, iter_top_k
     from runtime.errors import UserError, one_line
 
     if args.top_k < 1:
         raise UserError(f"--top-k {args.top_k}: give 1 or more")
-    failed = {}
-
-    def report(path: str, error: Exception) -> None:  # one line per unreadable image; the others go on
-        failed[path] = one_line(error)
-        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
-
-    results = predict_top_k(args.model, args.images, args.top_k, on_error=report)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: give 1 or more")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible here; leave --device out to run on the CPU")
+    results = iter_top_k(args.model, image_paths(args.images), args.top_k, args.batch_size, args.device)
+    failed, first = 0, True
     if args.json:
-        found = dict(results)
-        out = [{"image": p, "predictions": [{"class": c, "probability": round(v, 6)} for c, v in found[p]]}
-               if p in found else {"image": p, "error": failed.get(p, "not predicted")} for p in args.images]
-        print(json.dumps(out, indent=2), flush=True)
-    else:  # PATH<TAB>CLASS<TAB>PROBABILITY, then the next most probable class and probability with --top-k
-        for path, top in results:
-            print("\t".join([path, *(f"{c}\t{v:.3f}" for c, v in top)]), flush=True)
+        print("[", end="", flush=True)
+    try:
+        for path, top, error in results:
+            if error is not None:  # one line per unreadable image; the others go on
+                failed += 1
+                print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+            if args.json:
+                item = ({"image": path, "error": one_line(error)} if error is not None else
+                        {"image": path, "predictions": [{"class": c, "probability": round(v, 6)} for c, v in top]})
+                print(("\n  " if first else ",\n  ") + json.dumps(item), end="", flush=True)
+                first = False
+            elif error is None:  # PATH<TAB>CLASS<TAB>PROBABILITY, then the next most probable with --top-k
+                print("\t".join([path, *(f"{c}\t{v:.3f}" for c, v in top)]), flush=True)
+    finally:
+        if args.json:
+            print("\n]", flush=True)  # what was printed stays one valid array, even when a later path fails
     return 2 if failed else 0

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from runtime.errors import UserError
 WEIGHTS = "model.safetensors"
 META = "model.json"
 PREDICTIONS = "predictions.csv"
+BATCH = 256  # images decoded and classified at a time by `selfsup predict`
 
 
 def save_classifier(out_dir: str | Path, state: dict[str, torch.Tensor], arch: dict[str, Any], classes: list[str],
@@ -118,8 +121,10 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     """uint8 [C, size, size] prepared as the shards were: mode, shorter side to `size`, center crop."""
     from PIL import Image, UnidentifiedImageError
 
-    from shards.sources import decode_image
+    from shards.sources import IMAGE_EXTENSIONS, decode_image
 
+    if os.path.isdir(path):
+        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
     try:
         img = decode_image(str(path))[0].convert("L" if channels == 1 else "RGB")  # as `selfsup shard` decodes
     except FileNotFoundError:
@@ -152,20 +157,66 @@ def predict_top_k(model_dir: str | Path, images: list[str], k: int = 1,
                   on_error=None) -> list[tuple[str, list[tuple[str, float]]]]:
     """[(path, [(class name, probability), ...])]: the `k` most probable classes of each image, most probable
     first (softmax of the classifier's logits). Errors as `predict_files`."""
+    out = []
+    for path, top, error in iter_top_k(model_dir, images, k):
+        if error is None:
+            out.append((path, top))
+        elif on_error is None:
+            raise error
+        else:
+            on_error(path, error)
+    return out
+
+
+def image_paths(paths: Iterable[str]) -> Iterator[str]:
+    """Each path as given, except a directory: the image files under it (recursively, in sorted order; hidden
+    files and directories skipped), listed as they are found, so a folder of any size needs no shell glob."""
+    from shards.sources import IMAGE_EXTENSIONS
+
+    for p in paths:
+        if not os.path.isdir(p):
+            yield p
+            continue
+        found = 0
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in sorted(files):
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                    found += 1
+                    yield os.path.join(root, f)
+        if not found:
+            yield p  # reported as an error in its place (load_image), the other paths go on
+
+
+def iter_top_k(model_dir: str | Path, images: Iterable[str], k: int = 1, batch_size: int = BATCH,
+               device: str = "cpu") -> Iterator[tuple[str, list[tuple[str, float]] | None, UserError | None]]:
+    """`(path, [(class name, probability), ...], None)` for each image in input order, or `(path, None, error)`
+    for one that cannot be read; `batch_size` images decoded and classified at a time, so memory stays flat
+    however many images stream through. The classifier is loaded (and a bad one refused) before it returns."""
     model, meta = load_classifier(model_dir)
+    return _top_k(model.to(device), meta, iter(images), max(1, min(int(k), len(meta["classes"]))), batch_size,
+                  device)
+
+
+def _top_k(model: torch.nn.Module, meta: dict[str, Any], it: Iterator[str], k: int, batch_size: int,
+           device: str) -> Iterator[tuple[str, list[tuple[str, float]] | None, UserError | None]]:
     pre = meta["preprocessing"]
-    loaded = []
-    for p in images:
-        try:
-            loaded.append((p, load_image(p, int(pre["image_size"]), int(pre["channels"]))))
-        except UserError as e:
-            if on_error is None:
-                raise
-            on_error(p, e)
-    if not loaded:
-        return []
-    batch = torch.stack([x for _, x in loaded])
-    prob = predict_logits(model, batch, pre["mean"], pre["std"]).float().softmax(1)
-    top = prob.topk(max(1, min(int(k), prob.shape[1])), dim=1)
-    return [(p, [(meta["classes"][i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())])
-            for (p, _), vals, idx in zip(loaded, top.values, top.indices)]
+    size, channels = int(pre["image_size"]), int(pre["channels"])
+    while chunk := list(itertools.islice(it, batch_size)):
+        loaded: dict[int, torch.Tensor] = {}
+        errors: dict[int, UserError] = {}
+        for i, p in enumerate(chunk):
+            try:
+                loaded[i] = load_image(p, size, channels)
+            except UserError as e:
+                errors[i] = e
+        tops: dict[int, list[tuple[str, float]]] = {}
+        if loaded:
+            with torch.no_grad():
+                prob = predict_logits(model, torch.stack(list(loaded.values())), pre["mean"], pre["std"],
+                                      device=device).float().softmax(1)
+            top = prob.topk(k, dim=1)
+            for i, vals, idx in zip(loaded, top.values.tolist(), top.indices.tolist()):
+                tops[i] = [(meta["classes"][c], float(v)) for v, c in zip(vals, idx)]
+        for i, p in enumerate(chunk):
+            yield (p, tops[i], None) if i in tops else (p, None, errors[i])

@@ -93,6 +93,8 @@ def _rows():
         ("submit-unknown-stage", ["submit", "--", "train"], "train"),
         ("resume-missing-run", ["pretrain", "--resume", "{root}/no-run"], "no-run"),
         ("predict-missing-model", ["predict", "{root}/no-model", "{root}/image.png"], "no-model"),
+        ("predict-batch-size-zero", ["predict", "{root}/no-model", "{root}/image.png", "--batch-size", "0"],
+         "--batch-size 0"),
     ]
 
 

@@ -894,6 +894,74 @@ def test_readme_predict_example_runs_with_probabilities_top_k_and_json(run, data
     assert "classifier not found" in err and all(n in err for n in os.listdir(run / "classifiers"))
 
 
+def _tiny_classifier(out: Path) -> Path:
+    from finetune.classifier import build_classifier
+    from finetune.predict import save_classifier
+
+    arch = {"model": "resnet18", "timm_kwargs": {"channels": [8, 16, 32, 64]}, "in_chans": 3, "stem": "small",
+            "num_features": 64, "head": {"hidden_dim": 32, "output_dim": 16, "num_layers": 2},
+            "start_from": "backbone", "num_classes": 3}
+    torch.manual_seed(0)
+    manifest = {"image_size": 16, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    return save_classifier(out, build_classifier(arch).state_dict(), arch, ["a", "b", "c"], manifest,
+                           method="finetune", fraction=0.1, seed=0, accuracy=0.5, test_keys=[],
+                           test_labels=np.array([]), test_pred=np.array([]))
+
+
+def test_predict_streams_a_folder_in_batches(tmp_path, capsys):
+    """`selfsup predict MODEL DIR`: the image files under DIR (recursively, sorted; hidden entries and other files
+    left out) classified batch by batch: no more than a batch decoded ahead of what is printed, the same answers
+    whatever the batch size, an unreadable image and an empty folder reported in their place while the rest go
+    on (exit 2), and --json one array in the same order."""
+    from PIL import Image
+
+    from finetune.predict import image_paths, iter_top_k
+
+    model = _tiny_classifier(tmp_path / "clf")
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    names = ["b/img1.png", "b/img0.jpg", "a/deep/x.webp", "a/y.PNG", "top.png", ".hidden/h.png", "b/.h.png"]
+    for n in names:
+        (folder / n).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / n)
+    (folder / "b" / "broken.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not listed")
+    (tmp_path / "empty").mkdir()
+    expected = [str(folder / n) for n in ("top.png", "a/y.PNG", "a/deep/x.webp", "b/broken.png", "b/img0.jpg",
+                                          "b/img1.png")]
+    assert list(image_paths([str(folder)])) == expected
+
+    pulled = []
+
+    def paths():
+        for p in expected * 10:  # 60 images
+            pulled.append(p)
+            yield p
+
+    results = iter_top_k(model, paths(), 2, batch_size=4)
+    next(results)
+    assert len(pulled) == 4  # one batch decoded, not the whole list
+    rest = list(results)
+    assert len(pulled) == 60 and len(rest) == 59
+
+    def run(*extra: str) -> tuple[int, str, str]:
+        rc = selfsup(["predict", str(model), str(folder), str(tmp_path / "empty"), *extra])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    rc, plain, err = run("--batch-size", "2")
+    assert rc == 2 and [ln.split("\t")[0] for ln in plain.splitlines()] == [p for p in expected if "broken" not in p]
+    assert len(err.splitlines()) == 2 and "broken.png" in err and "no image files" in err and "empty" in err
+    assert run("--batch-size", "256")[1] == plain  # the batch size changes nothing printed
+    rc, js, _ = run("--json", "--top-k", "3", "--batch-size", "3")
+    items = json.loads(js)
+    assert rc == 2 and [i["image"] for i in items] == [*expected, str(tmp_path / "empty")]
+    assert "error" in items[3] and "error" in items[-1]
+    for item, line in zip([i for i in items if "predictions" in i], plain.splitlines()):
+        top = item["predictions"]
+        assert len(top) == 3 and (top[0]["class"], f"{top[0]['probability']:.3f}") == tuple(line.split("\t")[1:])
+
+
 @pytest.mark.slow
 def test_predict_refuses_a_missing_model_and_unreadable_image(run, tmp_path, capsys):
     assert "classifier not found" in _refused(capsys, ["predict", str(tmp_path / "none"), "x.png"])

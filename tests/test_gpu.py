@@ -205,6 +205,9 @@ def test_every_finetune_method_on_the_gpu_then_predict(gpu_run, shards, tmp_path
     printed = _ok(_cli(["predict", str(model), *files])).strip().splitlines()
     agree = sum(line.split("\t")[1] == counted[k] for line, k in zip(printed, keys[:4]))
     assert len(printed) == 4 and agree >= 3  # predict runs on the CPU: a near-tie may fall the other way
+    on_gpu = _ok(_cli(["predict", str(model), *files, "--device", "cuda", "--batch-size", "3"])).strip().splitlines()
+    assert [ln.split("\t")[0] for ln in on_gpu] == files
+    assert sum(a.split("\t")[1] == b.split("\t")[1] for a, b in zip(on_gpu, printed)) >= 3
 
 
 @pytest.mark.parametrize("mode", ["local", "tasks"])
