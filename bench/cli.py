@@ -44,7 +44,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-classes", type=int, default=100, help="memory part: classes of the folders (default 100)")
     p.add_argument("--memory-stages", default=None,
                    help="memory part: comma list of stages to measure (default all: shard,pretrain,finetune,select,"
-                        "inspect; shard and pretrain are always needed)")
+                        "inspect,predict; shard and pretrain are always needed, predict needs finetune)")
     p.add_argument("--memory-dir", default=None,
                    help="memory part: keep its folders, shards, runs and logs here (default: a temp dir, removed)")
     p.add_argument("--note", default=None,

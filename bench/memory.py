@@ -4,7 +4,8 @@ For each size (default 10,000 and 100,000 images) it writes a synthetic image fo
 listed class by class), then runs the real stages as child processes, one after the other:
 `selfsup shard folder`, `selfsup pretrain` (one epoch, capped at `pretrain.max_steps_per_epoch` steps, the kNN
 monitor at its end), `selfsup finetune` (a small budget: one subset, one epoch per method), `selfsup select`
-(typiclust, budget 100) and `selfsup inspect` (the data report); `--memory-stages` picks some of them. While a stage
+(typiclust, budget 100), `selfsup inspect` (the data report) and `selfsup predict` (the shipped classifier on
+the whole image folder, given as a directory); `--memory-stages` picks some of them. While a stage
 runs, its whole process tree (the stage's driver, the private Ray cluster it starts, Ray Train workers and
 Ray tasks, DataLoader workers) is sampled every `INTERVAL_S`; each process's peak is the kernel's high-water
 mark of its resident set (`VmHWM`, exact between samples) where Linux has it, else the largest sampled RSS.
@@ -34,7 +35,7 @@ CLASSES = 100
 IMAGE_SIZE = 32
 INTERVAL_S = 0.1
 TARGET_RATIO = 1.3  # issue 11: peak memory at 100k <= 1.3x the peak at 10k, for every stage
-STAGES = ("shard", "pretrain", "finetune", "select", "inspect")
+STAGES = ("shard", "pretrain", "finetune", "select", "inspect", "predict")
 OLD_STAGES = ("shard", "pretrain", "finetune")  # what a memory.json without `stages` measured
 MB = 2**20
 # the small model of the measurement, unless --config gives one
@@ -178,6 +179,8 @@ def bench_memory(cfg: Any, sizes: list[int], classes: int = CLASSES, image_size:
         raise UserError(f"--memory-stages: unknown or no stage {unknown} (valid: {', '.join(STAGES)})")
     if "shard" not in stages or (any(s in stages for s in STAGES[2:]) and "pretrain" not in stages):
         raise UserError("--memory-stages: the later stages read the shards and the encoder: include shard and pretrain")
+    if "predict" in stages and "finetune" not in stages:
+        raise UserError("--memory-stages: predict uses the classifier fine-tuning ships: include finetune")
     stages = tuple(s for s in STAGES if s in stages)
     if len(sizes) < 1 or min(sizes) < 2 * classes:
         raise UserError(f"--memory-sizes must each be at least 2 x --memory-classes ({2 * classes}), got {sizes}")
@@ -206,6 +209,7 @@ def bench_memory(cfg: Any, sizes: list[int], classes: int = CLASSES, image_size:
                 "finetune": [*selfsup, "finetune", "--config", str(config), *common, f"encoder={run}"],
                 "select": [*selfsup, "select", "--config", str(config), *common, f"encoder={run}"],
                 "inspect": [*selfsup, "inspect", "--config", str(config), *common, f"encoder={run}"],
+                "predict": [*selfsup, "predict", str(run), str(d / "raw")],  # every image of the folder
             }
             for stage in stages:
                 log(f"memory: {n} images: {stage} ...")

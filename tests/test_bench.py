@@ -237,12 +237,12 @@ def test_memory_part_runs_every_stage_at_two_sizes(tmp_path, capsys):
     m = r["memory"]
     assert m["sizes"] == [300, 600] and m["classes"] == 10 and m["image_size"] == 16
     for n in ("300", "600"):
-        for stage in ("shard", "pretrain", "finetune", "select", "inspect"):
+        for stage in ("shard", "pretrain", "finetune", "select", "inspect", "predict"):
             row = m["runs"][n][stage]
             assert row["rc"] == 0 and row["wall_s"] > 0
             assert row["driver_mb"] > 0 and row["max_process_mb"] >= row["driver_mb"]
             assert row["tree_mb"] >= row["driver_mb"] * 0.9 and row["processes"]
-    assert m["stages"] == ["shard", "pretrain", "finetune", "select", "inspect"]
+    assert m["stages"] == ["shard", "pretrain", "finetune", "select", "inspect", "predict"]
     for stage in m["stages"]:
         assert set(m["ratios"][stage]) == {"driver_mb", "ray_worker_mb", "max_process_mb", "tree_mb"}
         assert m["ratios"][stage]["driver_mb"] == pytest.approx(
