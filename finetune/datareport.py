@@ -152,8 +152,9 @@ def run_inspect(cfg: Any) -> dict[str, Any]:
             balance[split] = {classes[c] if 0 <= c < len(classes) else str(c): n
                               for c, n in sorted(Counter(all_y.tolist()).items())}
             chosen = sample_keys(cfg.data.shards, split, ins.max_images, seed)
-            f, k, encoded = split_features(backbone, run_cfg, split, size, manifest["mean"], manifest["std"],
+            f, k, formats = split_features(backbone, run_cfg, split, size, manifest["mean"], manifest["std"],
                                            mode != "local", keys=chosen, mirror=True)
+            encoded = encoded or formats  # the train split's, as fine-tuning's report gives
             feats.append(f)
             keys += k
             split_of += [split] * len(k)

@@ -66,7 +66,7 @@ def split_features(backbone: torch.nn.Module, cfg: Any, split: str, image_size: 
                                               mirror=mirror)
     if not names:
         raise UserError(f"no readable images in the {split} split of {cfg.data.shards}: re-run `selfsup shard`")
-    f = torch.nn.functional.normalize(f, dim=1).numpy()
+    f = f.div_(f.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()  # in place: N x D floats held twice, not thrice
     order = np.argsort(np.asarray(names))
     return np.ascontiguousarray(f[order], dtype=np.float32), [names[i] for i in order], formats
 
