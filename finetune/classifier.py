@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightly.models.modules import SimCLRProjectionHead
@@ -141,18 +142,32 @@ def rank_share(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return batch[(rank * per + torch.arange(per)) % n]
 
 
+def mixup(x: torch.Tensor, y: torch.Tensor, logits_of, alpha: float, rng: np.random.Generator) -> torch.Tensor:
+    """Mixup (Zhang et al., 2018): the loss of `logits_of` on the batch blended with a shuffled copy of itself,
+    one weight lam ~ Beta(alpha, alpha) per batch, the targets blended alike; `y` class ids or soft labels
+    [B, C]. `rng` (seeded by the run) draws lam and the shuffle: every rank alike."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(x.shape[0])).to(x.device)
+    logits = logits_of(lam * x + (1 - lam) * x[perm])
+    if y.dtype.is_floating_point:
+        return F.cross_entropy(logits, lam * y + (1 - lam) * y[perm])
+    return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+
+
 def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment, *, epochs: int,
                      batch_size: int, lr: float, weight_decay: float, seed: int, rank: int = 0,
                      world_size: int = 1, device: str | torch.device = "cpu",
-                     backbone_lr_scale: float = 1.0) -> dict[str, float]:
+                     backbone_lr_scale: float = 1.0, mix_alpha: float = 0.0) -> dict[str, float]:
     """Cross-entropy on augmented labeled images for a fixed budget: `epochs` passes over the subset
     (at least one step per epoch), cosine lr with a short warmup. Nothing here looks at the test split.
-    Every rank draws the same batch (same seed) and trains on its equal share of it (`rank_share`)."""
+    Every rank draws the same batch (same seed) and trains on its equal share of it (`rank_share`).
+    `mix_alpha` > 0: each batch mixed with itself (`mixup`)."""
     n = images.shape[0]
     bs = min(batch_size, n)
     steps = max(epochs, math.ceil(epochs * n / bs))
     warmup = max(1, steps // 10)
     g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)  # mixup's draws, apart from the batch order's
     opt = make_optimizer(model, lr, weight_decay, backbone_lr_scale)
     model.to(device).train()
     order, pos, loss = torch.randperm(n, generator=g), 0, torch.tensor(0.0)
@@ -161,8 +176,8 @@ def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             order, pos = torch.randperm(n, generator=g), 0
         idx = rank_share(order[pos:pos + bs], rank, world_size)
         pos += bs
-        x = augment(images[idx].to(device))
-        loss = F.cross_entropy(model(x), labels[idx].to(device))
+        x, y = augment(images[idx].to(device)), labels[idx].to(device)
+        loss = mixup(x, y, model, mix_alpha, rng) if mix_alpha > 0 else F.cross_entropy(model(x), y)
         set_lr(opt, lr_at(step, steps, warmup, lr))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,7 +201,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mean, std, batch_size
 
 def train_supervised_stream(model: nn.Module, loader, augment, *, epochs: int, labeled: int, batch_size: int,
                             lr: float, weight_decay: float, device: str | torch.device = "cpu",
-                            backbone_lr_scale: float = 1.0) -> dict[str, float]:
+                            backbone_lr_scale: float = 1.0, mix_alpha: float = 0.0, seed: int = 0) -> dict[str, float]:
     """`train_supervised` for a labeled subset too large to hold: the same budget (steps for `epochs` passes
     over `labeled` images in batches of `batch_size`, cosine lr with a short warmup), reading batches from
     `loader` (a `shards.reader.ShardLoader` over the subset's keys with this rank's share of the batch,
@@ -195,6 +210,7 @@ def train_supervised_stream(model: nn.Module, loader, augment, *, epochs: int, l
     steps = max(epochs, math.ceil(epochs * labeled / bs))
     warmup = max(1, steps // 10)
     opt = make_optimizer(model, lr, weight_decay, backbone_lr_scale)
+    rng = np.random.default_rng(seed)  # mixup's draws
     model.to(device).train()
     step, epoch, loss = 0, 0, torch.tensor(0.0)
     while step < steps:
@@ -202,7 +218,8 @@ def train_supervised_stream(model: nn.Module, loader, augment, *, epochs: int, l
         for images, labels in loader:
             if step >= steps:
                 break
-            loss = F.cross_entropy(model(augment(images.to(device))), labels.to(device))
+            x, y = augment(images.to(device)), labels.to(device)
+            loss = mixup(x, y, model, mix_alpha, rng) if mix_alpha > 0 else F.cross_entropy(model(x), y)
             set_lr(opt, lr_at(step, steps, warmup, lr))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -100,14 +100,14 @@ def supervised_loop(config: dict[str, Any]) -> dict[str, Any]:
                 start = copy.deepcopy(unwrap(model).state_dict())
         if xl is not None:
             clf.train_supervised(model, xl, yl, augs["mild"], epochs=epochs, seed=seed, backbone_lr_scale=scale,
-                                 **budget)
+                                 mix_alpha=ft.mixup, **budget)
         else:  # more labels than finetune.labeled_in_memory: streamed from the shards
             loader = ShardLoader(cfg.data.shards, splits="train", keys=keys, batch_size=max(1, ft.batch_size // world),
                                  rank=rank, world_size=world, seed=seed, num_workers=cfg.data.loader_workers,
                                  image_size=size, shuffle_buffer=cfg.data.shuffle_buffer)
             clf.train_supervised_stream(model, loader, augs["mild"], epochs=epochs, labeled=len(keys),
                                         batch_size=ft.batch_size, lr=ft.lr, weight_decay=ft.weight_decay,
-                                        device=device, backbone_lr_scale=scale)
+                                        device=device, backbone_lr_scale=scale, mix_alpha=ft.mixup, seed=seed)
         if start is not None:  # WiSE-FT; the averaged weights need their own batch-norm statistics (as SWA's)
             clf.interpolate_weights(unwrap(model), start, ft.wise_alpha)
             if xl is not None:

@@ -255,6 +255,9 @@ class FinetuneConfig:
     backbone_lr_scale: float = _opt(1.0, "fine-tuning from the encoder (finetune, semi's fine-tuned model, an "
                                           "ensemble's members): the backbone's learning rate is finetune.lr times "
                                           "this, the head's finetune.lr; scratch always 1")
+    mixup: float = _opt(0.0, "training on labels (scratch, finetune, semi's fine-tuned model): mixup's Beta(a, a) "
+                             "parameter a, each batch blended with a shuffled copy of itself (Zhang et al., 2018); "
+                             "0: off")
     probe_epochs: int = _opt(0, "fine-tuning from the encoder: first fit the classifier's head alone on the frozen "
                                 "backbone's features of the labeled images, this many passes (a linear probe, "
                                 "then fine-tuning: LP-FT); 0: none")
@@ -334,6 +337,7 @@ class FinetuneConfig:
         _positive("finetune.batch_size", self.batch_size)
         _positive("finetune.lr", self.lr)
         _non_negative("finetune.backbone_lr_scale", self.backbone_lr_scale)
+        _non_negative("finetune.mixup", self.mixup)
         _non_negative("finetune.probe_epochs", self.probe_epochs)
         _probability("finetune.wise_alpha", self.wise_alpha)
         if self.wise_alpha < 1 and self.probe_epochs == 0:

@@ -408,6 +408,38 @@ def test_backbone_lr_scale_gives_the_backbone_its_fraction_of_the_learning_rate(
     assert sorted(grouped) == sorted(id(p) for p in net.parameters())
 
 
+def test_mixup_trains_on_blended_images_and_equally_blended_targets():
+    """finetune.mixup: the network sees lam * x + (1 - lam) * x[perm] with lam and perm from the run's seeded
+    generator, and the loss is the same blend of its two targets (class ids or soft labels alike); a seeded run
+    repeats exactly, and mixup=0 trains as before."""
+    from finetune import classifier as clf
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    seen = []
+    loss = clf.mixup(x, y, lambda v: seen.append(v) or net(v), 1.0, np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    lam, perm = rng.beta(1.0, 1.0), torch.from_numpy(rng.permutation(8))
+    torch.testing.assert_close(seen[0], lam * x + (1 - lam) * x[perm])
+    logits = net(seen[0])
+    expected = lam * torch.nn.functional.cross_entropy(logits, y) + (1 - lam) * torch.nn.functional.cross_entropy(
+        logits, y[perm])
+    torch.testing.assert_close(loss, expected)
+    soft = torch.nn.functional.one_hot(y, 3).float()
+    torch.testing.assert_close(clf.mixup(x, soft, net, 1.0, np.random.default_rng(5)), expected)
+
+    def train(alpha: float) -> torch.Tensor:
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+        images = torch.randint(0, 255, (8, 3, 4, 4), dtype=torch.uint8)
+        clf.train_supervised(model, images, y, lambda u: u.float() / 255, epochs=3, batch_size=4, lr=0.1,
+                             weight_decay=0.0, seed=0, mix_alpha=alpha)
+        return model[1].weight.detach().clone()
+
+    assert torch.equal(train(1.0), train(1.0)) and not torch.equal(train(1.0), train(0.0))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("in_memory", [20000, 100], ids=["held", "streamed"])
 def test_lp_ft_probes_the_head_then_fine_tunes_and_never_touches_scratch(data, tmp_path, in_memory):
