@@ -27,7 +27,7 @@ from runtime.errors import UserError, run_cli
 SETTINGS = ("semi_epochs", "distill_head_epochs", "semi_lr", "distill_rounds", "spread_k", "spread_alpha",
             "fixmatch_threshold", "fixmatch_unlabeled_ratio", "epochs", "num_seeds", "start_from", "spread_prior",
             "spread_features", "distill_student", "jitter_prob", "jitter_strength", "teacher_models", "distill_bn_stats",
-            "backbone_lr_scale", "probe_epochs", "wise_alpha")
+            "backbone_lr_scale", "probe_epochs", "wise_alpha", "mixup")
 
 
 def _pretrain_s(encoder: str | None) -> float | None:
@@ -101,7 +101,8 @@ def table(results: dict[str, Any]) -> str:
     """One row per (label, run): accuracy (%) mean ± std (seeds), the accuracy on the train images outside the
     labeled subsets where the run measured it (`held-out`: no test image, what a default can be chosen by) and
     compute seconds per fraction; `finetune` rows once per encoder run (the same fine-tuning in every run on one
-    encoder); a label with rows from more than one run is followed by each row's run directory name; where any
+    encoder); runs of one label with the same settings share a row across fractions; a label with more than one
+    row is followed by each row's run directory names; where any
     row's encoder has its metrics.jsonl, its pretraining seconds and the encoder's kNN monitor follow."""
     fractions = sorted({r["label_fraction"] for r in results["rows"]})
     keyed: dict[tuple[str, str], dict[float, dict]] = {}
@@ -112,18 +113,21 @@ def table(results: dict[str, Any]) -> str:
             if key in seen_finetune:
                 continue
             seen_finetune.add(key)
-        key = (r["label"], "")  # one row per method; a second run of it at the same fraction gets its own row
+        # one row per method and settings (runs with the same settings at other fractions join it); a second run
+        # of it at the same fraction gets its own row
+        key = (r["label"], json.dumps(r.get("settings") or {}, sort_keys=True))
         if r["label_fraction"] in keyed.get(key, {}):
-            key = (r["label"], r["run"])
+            key = (r["label"], key[1] + r["run"])
         keyed.setdefault(key, {})[r["label_fraction"]] = r
     pretrain = any(r.get("pretrain_s") is not None for r in results["rows"])
     head = "| method | " + " | ".join(f"{f * 100:g} %: accuracy | held-out | compute (s)" for f in fractions) + " |"
     head += " pretrain (s) | kNN (test, monitor) |" if pretrain else ""
     lines = [head, "|---" * (3 * len(fractions) + 1 + 2 * pretrain) + "|"]
-    repeated = {label for label, run in keyed if run}
+    labels = [label for label, _ in keyed]
     for (label, _), by_f in keyed.items():
-        # a label in rows of more than one run (finetune on two encoders) names each row's run
-        name = f"`{label}` ({Path(next(iter(by_f.values()))['run']).name})" if label in repeated else f"`{label}`"
+        # a label in more than one row (finetune on two encoders, or with other settings) names each row's runs
+        runs = dict.fromkeys(Path(r["run"]).name for r in by_f.values())
+        name = f"`{label}` ({', '.join(runs)})" if labels.count(label) > 1 else f"`{label}`"
         cells = []
         for f in fractions:
             r = by_f.get(f)
