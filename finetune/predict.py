@@ -169,21 +169,18 @@ def predict_top_k(model_dir: str | Path, images: list[str], k: int = 1,
 
 
 def image_paths(paths: Iterable[str]) -> Iterator[str]:
-    """Each path as given, except a directory: the image files under it (recursively, in sorted order; hidden
-    files and directories skipped), listed as they are found, so a folder of any size needs no shell glob."""
-    from shards.sources import IMAGE_EXTENSIONS
+    """Each path as given, except a directory: the image files under it as `selfsup shard folder` lists them
+    (`shards.sources.iter_image_files`), as they are found, so a folder of any size needs no shell glob."""
+    from shards.sources import iter_image_files
 
     for p in paths:
         if not os.path.isdir(p):
             yield p
             continue
         found = 0
-        for root, dirs, files in os.walk(p):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in sorted(files):
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                    found += 1
-                    yield os.path.join(root, f)
+        for f in iter_image_files(p):
+            found += 1
+            yield f
         if not found:
             yield p  # reported as an error in its place (load_image), the other paths go on
 

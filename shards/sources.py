@@ -284,15 +284,21 @@ def stl10_source(root: Path) -> Source:
 # ------------------------------------------------------------------ folder
 
 
-def _image_files(d: Path) -> PathList:
+def iter_image_files(d: str | os.PathLike) -> Iterator[str]:
     """Image files under d at any depth, hidden files and other extensions ignored, in a fixed order: each
-    folder's files sorted by name, then its subfolders, sorted, in turn."""
-    out = PathList()
+    folder's files sorted by name, then its subfolders, sorted, in turn; yielded as they are found."""
     for dirpath, dirnames, filenames in os.walk(d, followlinks=False):
         dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
         for f in sorted(filenames):
             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                out.append(os.path.join(dirpath, f))
+                yield os.path.join(dirpath, f)
+
+
+def _image_files(d: Path) -> PathList:
+    """`iter_image_files(d)`, held compactly."""
+    out = PathList()
+    for f in iter_image_files(d):
+        out.append(f)
     return out
 
 
