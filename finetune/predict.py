@@ -208,10 +208,9 @@ def _top_k(model: torch.nn.Module, meta: dict[str, Any], it: Iterator[str], k: i
             except UserError as e:
                 errors[i] = e
         tops: dict[int, list[tuple[str, float]]] = {}
-        if loaded:
-            with torch.no_grad():
-                prob = predict_logits(model, torch.stack(list(loaded.values())), pre["mean"], pre["std"],
-                                      device=device).float().softmax(1)
+        if loaded:  # predict_logits runs under no_grad
+            prob = predict_logits(model, torch.stack(list(loaded.values())), pre["mean"], pre["std"],
+                                  device=device).float().softmax(1)
             top = prob.topk(k, dim=1)
             for i, vals, idx in zip(loaded, top.values.tolist(), top.indices.tolist()):
                 tops[i] = [(meta["classes"][c], float(v)) for v, c in zip(vals, idx)]
