@@ -550,6 +550,6 @@ def _skip(skips: Counter, reason: str, detail: str, count: int = 1) -> None:
     skips[reason] += count
     n = skips[reason]
     if before < _WARN_FIRST or any(before < m <= n for m in (10, 100, 1000, 10000)):
-        more = " (further ones counted, not shown)" if n == _WARN_FIRST else ""
+        more = " (further ones counted, not shown)" if before < _WARN_FIRST <= n else ""
         log.warning("skipped sample (%s, %d so far): %s%s", reason, n, detail, more)
     return None
